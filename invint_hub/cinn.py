@@ -1,0 +1,165 @@
+"""The conditional INN t of the paper: z_bar <-> v given the representation z.
+
+    v, logdet = t(z_bar, z)        # invariances of the layer (trained to be N(0, I))
+    z_bar     = t.inverse(v, z)    # any v ~ N(0, I) decodes to an image with representation z
+
+The representation z (flat (B, C) or spatial (B, C, H, W)) is first mapped to a
+conditioning vector by an embedder that is trained jointly with the flow.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .flows import ActNorm, Flow, standard_normal_nll
+from .hub import HUB_KWARGS, HubMixin
+
+
+class DenseEmbedder(nn.Module):
+    """Flat features (B, C) -> (B, out_dim): Linear/ActNorm/LeakyReLU with widths linspace(C, out, depth+1)."""
+
+    def __init__(self, in_dim: int, out_dim: int, depth: int = 3):
+        super().__init__()
+        dims = [round(in_dim + (out_dim - in_dim) * i / depth) for i in range(depth + 1)]
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            layers.append(nn.Linear(a, b))
+            if i < depth - 1:
+                layers += [ActNorm(b), nn.LeakyReLU(0.2)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = z.flatten(1)
+        for layer in self.net:
+            h = layer(h)[0] if isinstance(layer, ActNorm) else layer(h)
+        return h
+
+
+class ConvEmbedder(nn.Module):
+    """Spatial features (B, C, H, W) -> (B, out_dim): ``n_down`` strided 4x4 convs, then a dense conv."""
+
+    def __init__(self, in_channels: int, spatial_size: int, out_dim: int, n_down: int | None = None, width: int = 64):
+        super().__init__()
+        if n_down is None:  # downsample until the map is at most 4x4
+            n_down, s = 0, spatial_size
+            while s > 4:
+                s, n_down = (s - 2) // 2 + 1, n_down + 1
+        final = spatial_size
+        for _ in range(n_down):
+            final = (final - 2) // 2 + 1  # 4x4 conv, stride 2, padding 1
+        if final < 1:
+            raise ValueError(f"{n_down} stride-2 convs shrink a {spatial_size}x{spatial_size} map to nothing")
+        layers: list[nn.Module] = []
+        c = in_channels
+        for s in range(n_down):
+            c_out = width * min(2**s, 16)
+            layers += [nn.Conv2d(c, c_out, 4, stride=2, padding=1, bias=False), ActNorm(c_out), nn.LeakyReLU(0.2)]
+            c = c_out
+        layers.append(nn.Conv2d(c, out_dim, final))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = z
+        for layer in self.net:
+            h = layer(h)[0] if isinstance(layer, ActNorm) else layer(h)
+        return h.flatten(1)
+
+
+class ConditionalINN(nn.Module, HubMixin, **HUB_KWARGS):
+    """The paper's t: z_bar (autoencoder latent) -> v (invariances), conditioned on z = Phi(x).
+
+    Args:
+        latent_dim: size of the autoencoder latent z_bar (paper: 128).
+        cond_shape: shape of the representation z without batch: ``[C]`` or ``[C, H, W]``.
+        embed_dim: size of the conditioning embedding fed to every coupling (paper: 128).
+        n_flows: number of ActNorm/coupling/shuffle blocks (paper: 20).
+        hidden: width of the coupling subnets s and t (paper: 1024).
+        depth: hidden depth of the subnets (paper: 2).
+        embedder_depth: layers of the dense embedder for flat z (paper: 4 for fc layers).
+        embedder_down: strided convs of the conv embedder for spatial z (paper: 1-5;
+            ``None`` = until the map is at most 4x4).
+        embedder_width: channels of the first conv of the conv embedder (paper: 64).
+        seed: seed of the fixed permutations.
+        layer: name of the backbone layer this model was trained for (metadata).
+    """
+
+    def __init__(
+        self,
+        latent_dim: int = 128,
+        cond_shape: list[int] | tuple[int, ...] = (128,),
+        embed_dim: int = 128,
+        n_flows: int = 20,
+        hidden: int = 1024,
+        depth: int = 2,
+        embedder_depth: int = 4,
+        embedder_down: int | None = None,
+        embedder_width: int = 64,
+        seed: int = 0,
+        layer: str | None = None,
+    ):
+        super().__init__()
+        cond_shape = tuple(int(c) for c in cond_shape)
+        if len(cond_shape) not in (1, 3):
+            raise ValueError(f"cond_shape must be [C] or [C, H, W], got {list(cond_shape)}")
+        self.latent_dim = latent_dim
+        self.cond_shape = cond_shape
+        self.layer = layer
+        if len(cond_shape) == 1 or cond_shape[1] * cond_shape[2] == 1:
+            self.embedder: nn.Module = DenseEmbedder(math.prod(cond_shape), embed_dim, embedder_depth)
+        else:
+            if cond_shape[1] != cond_shape[2]:
+                raise ValueError(f"spatial conditions must be square, got {list(cond_shape)}")
+            self.embedder = ConvEmbedder(cond_shape[0], cond_shape[1], embed_dim, embedder_down, embedder_width)
+        self.flow = Flow(latent_dim, embed_dim, n_flows, hidden, depth, seed=seed)
+
+    def _check(self, zbar: torch.Tensor, z: torch.Tensor) -> None:
+        if zbar.dim() != 2 or zbar.shape[1] != self.latent_dim:
+            raise ValueError(f"expected latents of shape (B, {self.latent_dim}), got {tuple(zbar.shape)}")
+        if tuple(z.shape[1:]) != self.cond_shape and z[0].numel() != math.prod(self.cond_shape):
+            raise ValueError(f"expected representations of shape (B, {list(self.cond_shape)}), got {tuple(z.shape)}")
+        if z.shape[0] != zbar.shape[0]:
+            raise ValueError(f"batch sizes differ: latents {zbar.shape[0]}, representations {z.shape[0]}")
+
+    def embed(self, z: torch.Tensor) -> torch.Tensor:
+        if z.dim() == 2 and len(self.cond_shape) == 3:
+            z = z.view(z.shape[0], *self.cond_shape)
+        return self.embedder(z)
+
+    def forward(self, zbar: torch.Tensor, z: torch.Tensor):
+        """z_bar, z -> (v, logdet)."""
+        self._check(zbar, z)
+        return self.flow(zbar, self.embed(z))
+
+    def inverse(self, v: torch.Tensor, z: torch.Tensor, return_logdet: bool = False):
+        """v, z -> z_bar (and the inverse logdet if asked)."""
+        self._check(v, z)
+        zbar, logdet = self.flow.inverse(v, self.embed(z))
+        return (zbar, logdet) if return_logdet else zbar
+
+    def nll(self, zbar: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Per-sample negative log-likelihood (nats) of z_bar given z: the training loss."""
+        v, logdet = self(zbar, z)
+        return standard_normal_nll(v, logdet)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        z: torch.Tensor,
+        n: int = 1,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Draw ``n`` latents z_bar = t^-1(v | z) per representation, v ~ N(0, temperature^2 I).
+
+        Returns (B * n, latent_dim), ordered as ``n`` samples of the first representation,
+        then ``n`` of the second, and so on.
+        """
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        z = z.repeat_interleave(n, dim=0)
+        param = next(self.parameters())
+        device = generator.device if generator is not None else param.device
+        v = torch.randn(z.shape[0], self.latent_dim, generator=generator, device=device).to(param.device, param.dtype)
+        return self.inverse(temperature * v, z)

@@ -1,0 +1,187 @@
+"""Datasets through Hugging Face ``datasets``: Hub ids or a local folder of Parquet files.
+
+Local layout (the one of ``../shared/data``): ``<data_dir>/<name>/<split>-*.parquet`` with
+columns ``image`` (HF Image) and ``label``. The data folder comes from ``--data-dir``, the
+``INVINT_DATA_DIR`` environment variable, or ``../shared/data`` next to the repository.
+
+Names: ``mnist``, ``fashion_mnist``, ``cifar10``, ``colormnist`` (generated from MNIST),
+any local folder name, or any Hub dataset id (``org/name``). Splits may be sliced as in
+``datasets``: ``train[:90%]``.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from .images import arrays_to_batch, pil_to_array
+
+# name -> (Hub id, image column); the Hub ids are used when no local copy exists.
+HUB_IDS = {
+    "mnist": ("ylecun/mnist", "image"),
+    "fashion_mnist": ("zalando-datasets/fashion_mnist", "image"),
+    "cifar10": ("uoft-cs/cifar10", "img"),
+}
+# local folder names that hold a dataset under another name
+LOCAL_ALIASES = {"cifar10": ["cifar10", "cifar10_jpeg_q75"]}
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_data_dir() -> Path | None:
+    env = os.environ.get("INVINT_DATA_DIR")
+    if env:
+        return Path(env)
+    for cand in (REPO_ROOT.parent / "shared" / "data", REPO_ROOT / "data"):
+        if cand.is_dir():
+            return cand
+    return None
+
+
+def _split_parts(split: str) -> tuple[str, str]:
+    m = re.fullmatch(r"(\w+)(\[.*\])?", split)
+    if not m:
+        raise ValueError(f"bad split {split!r}; use e.g. 'train', 'test' or 'train[:90%]'")
+    return m.group(1), m.group(2) or ""
+
+
+def load_split(name: str, split: str, data_dir: str | Path | None = None):
+    """A ``datasets.Dataset`` with columns ``image`` (PIL) and ``label``."""
+    import datasets
+
+    base, _ = _split_parts(split)
+    data_dir = Path(data_dir) if data_dir else default_data_dir()
+    if data_dir is not None:
+        for folder in LOCAL_ALIASES.get(name, [name]):
+            files = sorted((data_dir / folder).glob(f"{base}-*.parquet"))
+            if files:
+                ds = datasets.load_dataset("parquet", data_files={base: [str(f) for f in files]}, split=split)
+                return ds.cast_column("image", datasets.Image()) if "image" in ds.column_names else ds
+        if (data_dir / name).is_dir():
+            raise FileNotFoundError(f"{data_dir / name} has no {base}-*.parquet files")
+    hub_id, col = HUB_IDS.get(name, (name, "image"))
+    if "/" not in hub_id:
+        raise FileNotFoundError(
+            f"dataset {name!r} not found under {data_dir} and it is not a Hub id; "
+            f"set --data-dir / INVINT_DATA_DIR to a folder with {name}/{base}-*.parquet"
+        )
+    ds = datasets.load_dataset(hub_id, split=split)
+    if col != "image":
+        ds = ds.rename_column(col, "image")
+    return ds
+
+
+def class_names(ds) -> list[str] | None:
+    feat = ds.features.get("label")
+    return list(feat.names) if hasattr(feat, "names") else None
+
+
+class ImageDataset(Dataset):
+    """Decoded images as a uint8 tensor in memory, served as ([-1, 1] float, label).
+
+    Args:
+        name, split, data_dir: see ``load_split``.
+        image_size, channels: the pipeline's image domain.
+        limit: keep only the first ``limit`` rows after a seeded shuffle (for quick runs).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        image_size: int,
+        channels: int,
+        data_dir: str | Path | None = None,
+        limit: int | None = None,
+        seed: int = 0,
+    ):
+        ds = load_split(name, split, data_dir)
+        if limit is not None and limit < len(ds):
+            ds = ds.shuffle(seed=seed).select(range(limit))
+        self.class_names = class_names(ds)
+        images = arrays_to_batch([pil_to_array(im, channels) for im in ds["image"]], image_size)
+        self.images = ((images + 1) * 127.5).round().to(torch.uint8)
+        self.labels = torch.tensor(ds["label"], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i].float() / 127.5 - 1.0, self.labels[i]
+
+    def get_batch(self, idx: torch.Tensor):
+        return self.images[idx].float() / 127.5 - 1.0, self.labels[idx]
+
+
+class ColorMNIST(Dataset):
+    """MNIST with a random foreground and background colour per image (IIN paper's ColorMNIST).
+
+    Image = bg * (1 - m) + fg * m where m is the MNIST intensity and fg, bg ~ U(0, 1)^3,
+    drawn once from a generator seeded with ``seed``, so the data set is reproducible.
+    Known factors per item: ``digit`` (label), ``fg`` and ``bg`` colours.
+    """
+
+    def __init__(self, split: str, image_size: int = 32, data_dir=None, limit: int | None = None, seed: int = 0):
+        base = ImageDataset("mnist", split, image_size, 1, data_dir, limit, seed)
+        self.masks = base.images  # uint8 (N, 1, S, S)
+        self.labels = base.labels
+        self.class_names = base.class_names or [str(i) for i in range(10)]
+        g = torch.Generator().manual_seed(seed)
+        self.fg = torch.rand(len(self.labels), 3, generator=g)
+        self.bg = torch.rand(len(self.labels), 3, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @staticmethod
+    def colorize(mask: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
+        """mask (1, S, S) uint8, colours (3,) in [0, 1] -> RGB image in [-1, 1]."""
+        m = mask.float() / 255.0
+        img = bg.view(3, 1, 1) * (1 - m) + fg.view(3, 1, 1) * m
+        return img * 2 - 1
+
+    def __getitem__(self, i):
+        return self.colorize(self.masks[i], self.fg[i], self.bg[i]), self.labels[i]
+
+    def get_batch(self, idx: torch.Tensor):
+        m = self.masks[idx].float() / 255.0
+        img = self.bg[idx].view(-1, 3, 1, 1) * (1 - m) + self.fg[idx].view(-1, 3, 1, 1) * m
+        return img * 2 - 1, self.labels[idx]
+
+
+def build_dataset(cfg: dict, split_key: str, data_dir=None, limit: int | None = None) -> Dataset:
+    """Dataset from the ``data`` section of a config (``name``, ``image_size``, ``channels``, splits)."""
+    split = cfg.get(split_key, "train" if split_key == "train_split" else "test")
+    seed = int(cfg.get("seed", 0))
+    if cfg["name"] == "colormnist":
+        return ColorMNIST(split, cfg["image_size"], data_dir, limit, seed=seed + (0 if split_key == "train_split" else 1))
+    return ImageDataset(cfg["name"], split, cfg["image_size"], cfg["channels"], data_dir, limit, seed)
+
+
+class SyntheticDataset(Dataset):
+    """Random blobs with labels, for tests and dry runs without any data files."""
+
+    def __init__(self, n: int, image_size: int, channels: int, num_classes: int = 10, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.labels = torch.randint(0, num_classes, (n,), generator=g)
+        yy, xx = torch.meshgrid(torch.linspace(-1, 1, image_size), torch.linspace(-1, 1, image_size), indexing="ij")
+        cx = (self.labels.float() / max(num_classes - 1, 1)) * 1.2 - 0.6
+        noise = 0.1 * torch.randn(n, 2, generator=g)
+        d = (xx[None] - (cx + noise[:, 0]).view(-1, 1, 1)) ** 2 + (yy[None] - noise[:, 1].view(-1, 1, 1)) ** 2
+        img = torch.exp(-d / 0.08) * 2 - 1
+        self.images = img[:, None].expand(-1, channels, -1, -1).contiguous()
+        self.class_names = [str(i) for i in range(num_classes)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
+    def get_batch(self, idx: torch.Tensor):
+        return self.images[idx], self.labels[idx]
+
+
+__all__ = ["load_split", "ImageDataset", "ColorMNIST", "SyntheticDataset", "build_dataset", "default_data_dir"]

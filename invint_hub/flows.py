@@ -1,0 +1,227 @@
+"""Invertible building blocks (the paper's core, written by hand).
+
+Every block follows one contract:
+
+    y, logdet = block(x, cond)            # forward
+    x, logdet_inv = block.inverse(y, cond)  # inverse, with logdet_inv == -logdet
+
+``logdet`` is a float32 tensor of shape (B,): log |det dy/dx| per sample. ``cond``
+is the conditioning embedding (B, E) or ``None`` for unconditional blocks.
+
+The structure follows the official cINN (CompVis/invariances ``blocks.py``):
+ActNorm -> double affine coupling (tanh-bounded log-scale, conditioning concatenated
+into every subnet) -> fixed random permutation.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ActNorm(nn.Module):
+    """Per-feature affine normalisation with data-dependent initialisation (Glow).
+
+    On the first forward pass in training mode of a module that is not yet initialised,
+    ``loc`` and ``scale`` are set so that the batch has zero mean and unit variance per
+    feature. The ``initialized`` flag is a persistent buffer, so a saved and reloaded
+    model never re-initialises. Works on (B, C) and (B, C, H, W) inputs.
+    """
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.loc = nn.Parameter(torch.zeros(num_features))
+        self.log_scale = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("initialized", torch.tensor(0, dtype=torch.uint8))
+        # Python-side cache of the flag, so the buffer is read (a host sync on GPU)
+        # once per module, not at every forward.
+        self._known_initialized = False
+
+    def _shape(self, p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return p.view(1, -1, *([1] * (x.dim() - 2)))
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        dims = [0] + list(range(2, x.dim()))
+        mean = x.float().mean(dim=dims)
+        std = x.float().std(dim=dims, unbiased=False) if x.shape[0] * x[0, 0].numel() > 1 else torch.ones_like(mean)
+        self.loc.copy_(-mean)
+        self.log_scale.copy_(-torch.log(std + 1e-6))
+        self.initialized.fill_(1)
+        self._known_initialized = True
+
+    def _maybe_initialize(self, x: torch.Tensor) -> None:
+        if self._known_initialized:
+            return
+        if bool(self.initialized.item()):
+            self._known_initialized = True
+        elif self.training:
+            self.initialize(x)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # a load may change the flag
+        self._known_initialized = False
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
+        self._maybe_initialize(x)
+        y = (x + self._shape(self.loc, x)) * self._shape(self.log_scale.exp(), x)
+        hw = x[0, 0].numel()
+        logdet = (hw * self.log_scale.float().sum()).expand(x.shape[0])
+        return y, logdet
+
+    def inverse(self, y: torch.Tensor, cond: torch.Tensor | None = None):
+        x = y * self._shape((-self.log_scale).exp(), y) - self._shape(self.loc, y)
+        hw = y[0, 0].numel()
+        logdet = (-hw * self.log_scale.float().sum()).expand(y.shape[0])
+        return x, logdet
+
+
+def mlp(in_dim: int, out_dim: int, hidden: int, depth: int, final_tanh: bool = False) -> nn.Sequential:
+    """``depth`` hidden layers of width ``hidden`` with LeakyReLU(0.01), as the official subnets.
+
+    Official ``BasicFullyConnectedNet(depth=2)`` = Linear-LReLU, 2x(Linear-LReLU), Linear:
+    i.e. ``depth + 1`` hidden layers. We keep that convention.
+    """
+    layers: list[nn.Module] = [nn.Linear(in_dim, hidden), nn.LeakyReLU(0.01)]
+    for _ in range(depth):
+        layers += [nn.Linear(hidden, hidden), nn.LeakyReLU(0.01)]
+    layers.append(nn.Linear(hidden, out_dim))
+    if final_tanh:
+        layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
+class AffineCoupling(nn.Module):
+    """One affine coupling: keeps the first half, transforms the second.
+
+    x = [x_a, x_b];  h = [x_a, cond];  y_b = x_b * exp(s(h)) + t(h);  y = [x_a, y_b].
+    ``s`` ends in tanh, so the log-scale of every dimension lies in (-1, 1).
+    """
+
+    def __init__(self, dim: int, cond_dim: int, hidden: int, depth: int):
+        super().__init__()
+        self.dim_a = dim // 2
+        self.dim_b = dim - self.dim_a
+        self.s = mlp(self.dim_a + cond_dim, self.dim_b, hidden, depth, final_tanh=True)
+        self.t = mlp(self.dim_a + cond_dim, self.dim_b, hidden, depth)
+
+    def _st(self, x_a: torch.Tensor, cond: torch.Tensor | None):
+        h = x_a if cond is None else torch.cat([x_a, cond], dim=1)
+        return self.s(h), self.t(h)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
+        x_a, x_b = x[:, : self.dim_a], x[:, self.dim_a :]
+        s, t = self._st(x_a, cond)
+        y = torch.cat([x_a, x_b * s.exp() + t], dim=1)
+        return y, s.float().sum(dim=1)
+
+    def inverse(self, y: torch.Tensor, cond: torch.Tensor | None = None):
+        y_a, y_b = y[:, : self.dim_a], y[:, self.dim_a :]
+        s, t = self._st(y_a, cond)
+        x = torch.cat([y_a, (y_b - t) * (-s).exp()], dim=1)
+        return x, -s.float().sum(dim=1)
+
+
+class DoubleAffineCoupling(nn.Module):
+    """Two couplings with a half swap in between, so every dimension is transformed."""
+
+    def __init__(self, dim: int, cond_dim: int, hidden: int, depth: int):
+        super().__init__()
+        self.dim = dim
+        self.first = AffineCoupling(dim, cond_dim, hidden, depth)
+        self.second = AffineCoupling(dim, cond_dim, hidden, depth)
+
+    def _swap(self, x: torch.Tensor, split: int) -> torch.Tensor:
+        return torch.cat([x[:, split:], x[:, :split]], dim=1)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
+        x, ld1 = self.first(x, cond)
+        x = self._swap(x, self.dim // 2)
+        x, ld2 = self.second(x, cond)
+        return x, ld1 + ld2
+
+    def inverse(self, y: torch.Tensor, cond: torch.Tensor | None = None):
+        y, ld2 = self.second.inverse(y, cond)
+        y = self._swap(y, self.dim - self.dim // 2)
+        y, ld1 = self.first.inverse(y, cond)
+        return y, ld1 + ld2
+
+
+class Shuffle(nn.Module):
+    """A fixed random permutation (log-determinant 0).
+
+    The permutation is drawn from a local generator seeded with ``seed`` (never the
+    global RNG) and stored as persistent buffers, so a reloaded model is the same
+    bijection.
+    """
+
+    def __init__(self, dim: int, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(dim, generator=g)
+        self.register_buffer("perm", perm)
+        self.register_buffer("inv_perm", torch.argsort(perm))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
+        return x[:, self.perm], x.new_zeros(x.shape[0], dtype=torch.float32)
+
+    def inverse(self, y: torch.Tensor, cond: torch.Tensor | None = None):
+        return y[:, self.inv_perm], y.new_zeros(y.shape[0], dtype=torch.float32)
+
+
+class FlowBlock(nn.Module):
+    """ActNorm -> DoubleAffineCoupling -> Shuffle, one step of the flow."""
+
+    def __init__(self, dim: int, cond_dim: int, hidden: int, depth: int, seed: int):
+        super().__init__()
+        self.norm = ActNorm(dim)
+        self.coupling = DoubleAffineCoupling(dim, cond_dim, hidden, depth)
+        self.shuffle = Shuffle(dim, seed)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
+        logdet = x.new_zeros(x.shape[0], dtype=torch.float32)
+        for layer in (self.norm, self.coupling, self.shuffle):
+            x, ld = layer(x, cond)
+            logdet = logdet + ld
+        return x, logdet
+
+    def inverse(self, y: torch.Tensor, cond: torch.Tensor | None = None):
+        logdet = y.new_zeros(y.shape[0], dtype=torch.float32)
+        for layer in (self.shuffle, self.coupling, self.norm):
+            y, ld = layer.inverse(y, cond)
+            logdet = logdet + ld
+        return y, logdet
+
+
+class Flow(nn.Module):
+    """A stack of ``n_flows`` FlowBlocks on vectors of size ``dim``."""
+
+    def __init__(self, dim: int, cond_dim: int, n_flows: int, hidden: int, depth: int, seed: int = 0):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            FlowBlock(dim, cond_dim, hidden, depth, seed=seed + i) for i in range(n_flows)
+        )
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
+        logdet = x.new_zeros(x.shape[0], dtype=torch.float32)
+        for block in self.blocks:
+            x, ld = block(x, cond)
+            logdet = logdet + ld
+        return x, logdet
+
+    def inverse(self, y: torch.Tensor, cond: torch.Tensor | None = None):
+        logdet = y.new_zeros(y.shape[0], dtype=torch.float32)
+        for block in reversed(self.blocks):
+            y, ld = block.inverse(y, cond)
+            logdet = logdet + ld
+        return y, logdet
+
+
+def standard_normal_nll(v: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:
+    """Per-sample negative log-likelihood (nats) of ``v`` under N(0, I) plus the flow's logdet."""
+    v = v.float().flatten(1)
+    d = v.shape[1]
+    return 0.5 * (v**2).sum(1) + 0.5 * d * torch.log(torch.tensor(2 * torch.pi)) - logdet
+
+
+def bits_per_dim(nll: torch.Tensor, dim: int) -> torch.Tensor:
+    return nll / (dim * torch.log(torch.tensor(2.0)))

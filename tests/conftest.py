@@ -1,0 +1,53 @@
+import os
+import struct
+import zlib
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+def png_with_header_size(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height but holds (almost) no data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="session")
+def bad_image_files(tmp_path_factory):
+    """Files that must be refused with a clear ValueError."""
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("bad")
+    (d / "not_an_image.png").write_bytes(b"this is plain text, not a PNG")
+    (d / "empty.png").write_bytes(b"")
+    buf = d / "ok.png"
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(buf)
+    data = buf.read_bytes()
+    (d / "truncated.png").write_bytes(data[: len(data) // 2])
+    (d / "huge_header.png").write_bytes(png_with_header_size(20000, 20000))
+    return {p.stem: p for p in d.iterdir() if p.stem != "ok"}
+
+
+@pytest.fixture(scope="session")
+def odd_image_files(tmp_path_factory):
+    """Unusual but valid images that must be converted: 16-bit, CMYK, RGBA, palette, grayscale, animated, tiny, wide."""
+    import numpy as np
+    from PIL import Image
+
+    d = tmp_path_factory.mktemp("odd")
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((40, 40)) * 65535).astype(np.uint16)).save(d / "gray16.png")
+    Image.new("CMYK", (40, 40), (0, 128, 128, 0)).save(d / "cmyk.jpg")
+    Image.new("RGBA", (40, 40), (255, 0, 0, 128)).save(d / "rgba.png")
+    Image.new("RGB", (40, 40), (0, 0, 255)).convert("P", palette=Image.Palette.ADAPTIVE).save(d / "palette.png")
+    Image.new("L", (40, 40), 200).save(d / "gray.png")
+    frames = [Image.new("RGB", (30, 30), (i * 60, 0, 0)) for i in range(3)]
+    frames[0].save(d / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    Image.new("RGB", (1, 1), (255, 255, 255)).save(d / "one_pixel.png")
+    Image.new("RGB", (300, 20), (5, 5, 5)).save(d / "wide.png")
+    return {p.stem: p for p in d.iterdir()}

@@ -1,0 +1,123 @@
+"""The embedded default pipeline end to end: loading, shapes, determinism, the paper's operations, bad input."""
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from invint_hub import InvariancePipeline
+from invint_hub.data import default_data_dir
+from invint_hub.pipeline import embedded_pipelines
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return InvariancePipeline.from_pretrained()
+
+
+@pytest.fixture(scope="module")
+def digits(pipe):
+    """A few real test digits if the data folder is there, else drawn strokes."""
+    if default_data_dir() is not None and (default_data_dir() / "mnist").is_dir():
+        from invint_hub.data import ImageDataset
+
+        ds = ImageDataset("mnist", "test", 32, 1, limit=16)
+        return ds.images[:16].float() / 127.5 - 1, ds.labels[:16]
+    x = -torch.ones(4, 1, 32, 32)
+    x[:, :, 6:26, 15:18] = 1.0  # a "1"
+    return x, torch.ones(4, dtype=torch.long)
+
+
+def test_default_is_embedded_and_complete(pipe):
+    assert "mnist" in embedded_pipelines()
+    assert pipe.layers == ["conv1", "conv2", "fc", "logits", "softmax"]
+    assert pipe.image_size == 32 and pipe.channels == 1
+    assert pipe.class_names == [str(i) for i in range(10)]
+    assert "mnist" in repr(pipe)
+
+
+def test_loads_quickly_offline():
+    t = time.perf_counter()
+    InvariancePipeline.from_pretrained()
+    assert time.perf_counter() - t < 5.0  # the issue's bound (in-process, torch already imported)
+
+
+def test_classifier_is_accurate_on_real_digits(pipe, digits):
+    x, y = digits
+    assert (pipe.predict(x).argmax(1) == y).float().mean() >= 0.9
+
+
+def test_sample_shapes_and_seeded_determinism(pipe, digits):
+    x = digits[0][:3]
+    for layer in pipe.layers:
+        s1 = pipe.sample_invariances(x, layer, n=4, seed=7)
+        assert s1.shape == (3, 4, 1, 32, 32)
+        assert s1.min() >= -1 and s1.max() <= 1
+        assert torch.equal(s1, pipe.sample_invariances(x, layer, n=4, seed=7))
+        assert not torch.equal(s1, pipe.sample_invariances(x, layer, n=4, seed=8))
+
+
+def test_temperature_zero_gives_identical_samples(pipe, digits):
+    s = pipe.sample_invariances(digits[0][:1], "fc", n=3, temperature=0.0, seed=0)
+    assert torch.allclose(s[0, 0], s[0, 1])
+
+
+def test_invariances_round_trip_is_the_reconstruction(pipe, digits):
+    x = digits[0][:4]
+    for layer in ("conv1", "logits"):
+        v = pipe.invariances(x, layer)
+        z = pipe.representation(x, layer)
+        zbar = pipe.cinns[layer].inverse(v, z)
+        assert (zbar - pipe.encode(x)).abs().max() < 1e-3
+    assert pipe.reconstruct(x).shape == x.shape
+
+
+def test_mix_keeps_the_content_class_at_deep_layers(pipe, digits):
+    x, y = digits
+    if len(x) < 8:
+        pytest.skip("needs real digits")
+    a, b = x[:8], x[8:16]
+    mixed = pipe.mix(a, b, "logits")
+    assert mixed.shape == a.shape
+    agree = (pipe.predict(mixed).argmax(1) == pipe.predict(a).argmax(1)).float().mean()
+    assert agree >= 0.75
+    with pytest.raises(ValueError, match="cannot mix"):
+        pipe.mix(x[:2], x[:3], "fc")
+
+
+def test_variance_explained_rises_with_depth(pipe, digits):
+    x = digits[0][:8]
+    first = pipe.variance_explained(x, pipe.layers[0], n=16).mean()
+    last = pipe.variance_explained(x, "logits", n=16).mean()
+    assert 0 <= first < last
+    assert pipe.variance_explained(x[:1], "fc", n=8).shape == (1,)
+
+
+def test_inputs_of_every_form(pipe, odd_image_files):
+    img = Image.new("L", (100, 60), 0)
+    for inp in (img, str(odd_image_files["rgba"]), odd_image_files["cmyk"], torch.zeros(28, 28), [img, img]):
+        assert pipe.predict(inp).shape[1] == 10
+
+
+def test_bad_inputs_raise_value_error(pipe, bad_image_files):
+    for path in bad_image_files.values():
+        with pytest.raises(ValueError):
+            pipe.sample_invariances(path, "fc", n=2)
+    with pytest.raises(ValueError, match="no cINN for layer"):
+        pipe.sample_invariances(torch.zeros(1, 1, 32, 32), "conv9")
+    with pytest.raises(ValueError, match="n must be"):
+        pipe.sample_invariances(torch.zeros(1, 1, 32, 32), "fc", n=0)
+
+
+def test_unknown_pipeline_name_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not an invint_hub pipeline"):
+        InvariancePipeline.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="neither"):
+        InvariancePipeline.from_pretrained("no_such_pipeline")
+
+
+def test_embedded_weights_fit_the_budget():
+    from invint_hub.pipeline import PRETRAINED_DIR
+
+    total = sum(f.stat().st_size for f in PRETRAINED_DIR.rglob("*.safetensors"))
+    assert total <= 25 * 1024 * 1024
