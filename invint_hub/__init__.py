@@ -5,8 +5,8 @@ Invariances with INNs. ECCV 2020.
 """
 from .autoencoder import Autoencoder
 from .backbones import Backbone
-from .cinn import ConditionalINN
+from .cinn import INN, ConditionalINN
 from .pipeline import InvariancePipeline
 
 __version__ = "0.1.0"
-__all__ = ["Autoencoder", "Backbone", "ConditionalINN", "InvariancePipeline", "__version__"]
+__all__ = ["Autoencoder", "Backbone", "ConditionalINN", "INN", "InvariancePipeline", "__version__"]

@@ -163,3 +163,57 @@ class ConditionalINN(nn.Module, HubMixin, **HUB_KWARGS):
         device = generator.device if generator is not None else param.device
         v = torch.randn(z.shape[0], self.latent_dim, generator=generator, device=device).to(param.device, param.dtype)
         return self.inverse(temperature * v, z)
+
+
+class INN(nn.Module, HubMixin, **HUB_KWARGS):
+    """An unconditional INN T: z_bar <-> e ~ N(0, I) on autoencoder latents (the IIN paper's T).
+
+    Same blocks as the cINN without a condition. ``factor_sizes`` (optional) splits the output
+    into semantic factors (e_1 ... e_K) and a residual e_0, used by the concept model.
+    """
+
+    def __init__(
+        self,
+        dim: int = 64,
+        n_flows: int = 12,
+        hidden: int = 512,
+        depth: int = 2,
+        seed: int = 0,
+        factor_sizes: list[int] | None = None,
+        factor_names: list[str] | None = None,
+    ):
+        super().__init__()
+        if factor_sizes is not None and sum(factor_sizes) != dim:
+            raise ValueError(f"factor sizes {factor_sizes} must add up to dim {dim}")
+        if factor_names is not None and (factor_sizes is None or len(factor_names) != len(factor_sizes)):
+            raise ValueError("factor_names needs factor_sizes of the same length")
+        self.dim = dim
+        self.factor_sizes = list(factor_sizes) if factor_sizes else [dim]
+        self.factor_names = list(factor_names) if factor_names else [f"factor{i}" for i in range(len(self.factor_sizes))]
+        self.flow = Flow(dim, 0, n_flows, hidden, depth, seed=seed)
+
+    def forward(self, zbar: torch.Tensor):
+        if zbar.dim() != 2 or zbar.shape[1] != self.dim:
+            raise ValueError(f"expected latents of shape (B, {self.dim}), got {tuple(zbar.shape)}")
+        return self.flow(zbar, None)
+
+    def inverse(self, e: torch.Tensor, return_logdet: bool = False):
+        if e.dim() != 2 or e.shape[1] != self.dim:
+            raise ValueError(f"expected codes of shape (B, {self.dim}), got {tuple(e.shape)}")
+        zbar, logdet = self.flow.inverse(e, None)
+        return (zbar, logdet) if return_logdet else zbar
+
+    def nll(self, zbar: torch.Tensor) -> torch.Tensor:
+        e, logdet = self(zbar)
+        return standard_normal_nll(e, logdet)
+
+    def split(self, e: torch.Tensor) -> list[torch.Tensor]:
+        """Codes -> list of factors (sizes ``factor_sizes``)."""
+        return list(torch.split(e, self.factor_sizes, dim=1))
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        param = next(self.parameters())
+        device = generator.device if generator is not None else param.device
+        e = torch.randn(n, self.dim, generator=generator, device=device).to(param.device, param.dtype)
+        return self.inverse(temperature * e)

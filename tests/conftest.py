@@ -51,3 +51,37 @@ def odd_image_files(tmp_path_factory):
     Image.new("RGB", (1, 1), (255, 255, 255)).save(d / "one_pixel.png")
     Image.new("RGB", (300, 20), (5, 5, 5)).save(d / "wide.png")
     return {p.stem: p for p in d.iterdir()}
+
+
+TINY = {
+    "data": {"name": "synthetic", "image_size": 16, "channels": 1, "num_classes": 4},
+    "classifier": {"model": {"arch": "mnist_cnn", "width": 4},
+                   "train": {"steps": 2, "batch_size": 8, "log_every": 1, "checkpoint_every": 1, "eval_samples": 32}},
+    "autoencoder": {"model": {"latent_dim": 8, "width": 4, "n_down": 2},
+                    "loss": {"perceptual": "backbone", "perceptual_layers": ["conv1"]},
+                    "train": {"steps": 2, "batch_size": 8, "log_every": 1, "checkpoint_every": 1, "eval_samples": 32}},
+    "cinn": {"layers": ["conv1", "logits"],
+             "model": {"embed_dim": 8, "n_flows": 2, "hidden": 16, "depth": 1, "embedder_depth": 2, "embedder_width": 4},
+             "train": {"steps": 2, "batch_size": 8, "log_every": 1, "checkpoint_every": 1, "eval_samples": 32}},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tmp_path_factory):
+    """A tiny config on synthetic 16 px data (trains in seconds)."""
+    import yaml
+
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tiny_config, tmp_path_factory):
+    """A complete (untrained-quality) pipeline folder made by the real training command on synthetic data."""
+    from invint_hub.train import main
+
+    out = tmp_path_factory.mktemp("tiny_pipeline")
+    for stage in ("classifier", "autoencoder", "cinn"):
+        main([stage, "--config", str(tiny_config), "--output-dir", str(out), "--quiet"])
+    return out

@@ -7,38 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from invint_hub import ConditionalINN
 from invint_hub.pipeline import InvariancePipeline
 from invint_hub.train import batch_indices, main
 
-TINY = {
-    "data": {"name": "synthetic", "image_size": 16, "channels": 1, "num_classes": 4},
-    "classifier": {"model": {"arch": "mnist_cnn", "width": 4},
-                   "train": {"steps": 2, "batch_size": 8, "log_every": 1, "checkpoint_every": 1, "eval_samples": 32}},
-    "autoencoder": {"model": {"latent_dim": 8, "width": 4, "n_down": 2},
-                    "loss": {"perceptual": "backbone", "perceptual_layers": ["conv1"]},
-                    "train": {"steps": 2, "batch_size": 8, "log_every": 1, "checkpoint_every": 1, "eval_samples": 32}},
-    "cinn": {"layers": ["conv1", "logits"],
-             "model": {"embed_dim": 8, "n_flows": 2, "hidden": 16, "depth": 1, "embedder_depth": 2, "embedder_width": 4},
-             "train": {"steps": 2, "batch_size": 8, "log_every": 1, "checkpoint_every": 1, "eval_samples": 32}},
-}
-
-
 @pytest.fixture(scope="module")
-def tiny_config(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
-    path.write_text(yaml.safe_dump(TINY))
-    return path
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_config, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    for stage in ("classifier", "autoencoder", "cinn"):
-        main([stage, "--config", str(tiny_config), "--output-dir", str(out), "--quiet"])
-    return out
+def trained(tiny_pipeline_dir):
+    return tiny_pipeline_dir
 
 
 def test_all_stages_produce_a_loadable_pipeline(trained):
