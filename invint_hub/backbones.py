@@ -115,6 +115,15 @@ def _torchvision_stages(arch: str, m: nn.Module) -> OrderedDict:
     raise ValueError(f"unknown torchvision architecture {arch!r}")
 
 
+def _replace_head(arch: str, m: nn.Module, num_classes: int) -> None:
+    if arch == "alexnet":
+        m.classifier[6] = nn.Linear(m.classifier[6].in_features, num_classes)
+    elif arch in ("resnet50", "resnet101"):
+        m.fc = nn.Linear(m.fc.in_features, num_classes)
+    elif arch == "squeezenet1_1":
+        m.classifier[1] = nn.Conv2d(m.classifier[1].in_channels, num_classes, 1)
+
+
 def load_local_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict from .safetensors, or from a .pth/.pt with the safe (weights-only) unpickler."""
     path = Path(path)
@@ -265,6 +274,7 @@ class Backbone(nn.Module, HubMixin, **HUB_KWARGS):
         ``weights=None`` and no path gives random weights (for tests).
         """
         class_names = kwargs.pop("class_names", None)
+        kwargs.setdefault("in_channels", 3)
         path = Path(weights_path) if weights_path else None
         if path is None and weights is not None:
             path, categories = torchvision_weights_file(arch, weights)
@@ -274,10 +284,15 @@ class Backbone(nn.Module, HubMixin, **HUB_KWARGS):
                     f"pretrained {arch} weights not found at {path}; place torchvision's file "
                     f"{path.name} there (or pass weights_path=...). invint_hub never downloads weights."
                 )
-        num_classes = kwargs.pop("num_classes", len(class_names) if class_names else 1000)
+        n_pretrained = len(class_names) if class_names else 1000
+        num_classes = kwargs.pop("num_classes", n_pretrained)
+        if num_classes != n_pretrained:
+            class_names = None  # a new head: the ImageNet names no longer apply
         model = cls(arch=arch, num_classes=num_classes, class_names=class_names, **kwargs)
         if path is not None:
-            tv = torchvision_model(arch, num_classes)
+            tv = torchvision_model(arch, n_pretrained)
             tv.load_state_dict(load_local_state_dict(path), strict=True)
+            if num_classes != n_pretrained:  # fine-tuning on another label set: fresh last layer
+                _replace_head(arch, tv, num_classes)
             model.stages = nn.ModuleDict(_torchvision_stages(arch, tv))
         return model.eval()

@@ -41,41 +41,79 @@ def default_data_dir() -> Path | None:
 
 
 def _split_parts(split: str) -> tuple[str, str]:
-    m = re.fullmatch(r"(\w+)(\[.*\])?", split)
+    m = re.fullmatch(r"(\w+)(\[[^\]]*\])?", split)
     if not m:
         raise ValueError(f"bad split {split!r}; use e.g. 'train', 'test' or 'train[:90%]'")
     return m.group(1), m.group(2) or ""
 
 
+def _apply_slice(ds, spec: str, seed: int = 0):
+    """``[a:b]`` rows or ``[a%:b%]`` percent, taken after a seeded shuffle (so ``train[:90%]`` and
+    ``train[90%:]`` are disjoint and not sorted by class)."""
+    m = re.fullmatch(r"\[(-?\d*)(%?):(-?\d*)(%?)\]", spec)
+    if not m:
+        raise ValueError(f"bad split slice {spec!r}; use e.g. [:90%], [90%:] or [:1000]")
+    n = len(ds)
+
+    def pos(value: str, percent: str, default: int) -> int:
+        if value == "":
+            return default
+        v = int(value)
+        v = round(n * v / 100) if percent else v
+        return max(0, min(n, v if v >= 0 else n + v))
+
+    a, b = pos(m.group(1), m.group(2), 0), pos(m.group(3), m.group(4), n)
+    return ds.shuffle(seed=seed).select(range(a, max(a, b)))
+
+
 def load_split(name: str, split: str, data_dir: str | Path | None = None):
-    """A ``datasets.Dataset`` with columns ``image`` (PIL) and ``label``."""
+    """A ``datasets.Dataset`` with columns ``image`` (PIL) and ``label``.
+
+    Looks for ``<data_dir>/<name>/<split>-*.parquet``, then an image folder
+    ``<data_dir>/<name>/<split>/<class>/*``, then the Hub.
+    """
     import datasets
 
-    base, _ = _split_parts(split)
+    base, slice_ = _split_parts(split)
     data_dir = Path(data_dir) if data_dir else default_data_dir()
+    ds = None
     if data_dir is not None:
         for folder in LOCAL_ALIASES.get(name, [name]):
             files = sorted((data_dir / folder).glob(f"{base}-*.parquet"))
             if files:
-                ds = datasets.load_dataset("parquet", data_files={base: [str(f) for f in files]}, split=split)
-                return ds.cast_column("image", datasets.Image()) if "image" in ds.column_names else ds
-        if (data_dir / name).is_dir():
-            raise FileNotFoundError(f"{data_dir / name} has no {base}-*.parquet files")
-    hub_id, col = HUB_IDS.get(name, (name, "image"))
-    if "/" not in hub_id:
-        raise FileNotFoundError(
-            f"dataset {name!r} not found under {data_dir} and it is not a Hub id; "
-            f"set --data-dir / INVINT_DATA_DIR to a folder with {name}/{base}-*.parquet"
-        )
-    ds = datasets.load_dataset(hub_id, split=split)
-    if col != "image":
-        ds = ds.rename_column(col, "image")
-    return ds
+                ds = datasets.load_dataset("parquet", data_files={base: [str(f) for f in files]}, split=base)
+                if "image" in ds.column_names:
+                    ds = ds.cast_column("image", datasets.Image())
+                break
+            if (data_dir / folder / base).is_dir():
+                ds = datasets.load_dataset("imagefolder", data_dir=str(data_dir / folder / base), split="train")
+                break
+        if ds is None and (data_dir / name).is_dir():
+            raise FileNotFoundError(f"{data_dir / name} has neither {base}-*.parquet files nor a {base}/ image folder")
+    if ds is None:
+        hub_id, col = HUB_IDS.get(name, (name, "image"))
+        if "/" not in hub_id:
+            raise FileNotFoundError(
+                f"dataset {name!r} not found under {data_dir} and it is not a Hub id; "
+                f"set --data-dir / INVINT_DATA_DIR to a folder with {name}/{base}-*.parquet"
+            )
+        ds = datasets.load_dataset(hub_id, split=base)
+        if col != "image":
+            ds = ds.rename_column(col, "image")
+    return _apply_slice(ds, slice_) if slice_ else ds
 
 
-def class_names(ds) -> list[str] | None:
-    feat = ds.features.get("label")
+def class_names(ds, column: str = "label") -> list[str] | None:
+    feat = ds.features.get(column)
     return list(feat.names) if hasattr(feat, "names") else None
+
+
+def labels_tensor(values) -> torch.Tensor:
+    """A label column -> long tensor; booleans and -1/1 attributes (CelebA) become 0/1."""
+    t = torch.tensor([float(v) for v in values])
+    if t.numel() and set(torch.unique(t).tolist()) <= {-1.0, 1.0}:
+        t = (t > 0).float()
+    return t.long()
 
 
 class ImageDataset(Dataset):
@@ -85,6 +123,7 @@ class ImageDataset(Dataset):
         name, split, data_dir: see ``load_split``.
         image_size, channels: the pipeline's image domain.
         limit: keep only the first ``limit`` rows after a seeded shuffle (for quick runs).
+        label_column: the column with the class (e.g. a CelebA attribute such as ``Male``).
     """
 
     def __init__(
@@ -96,14 +135,17 @@ class ImageDataset(Dataset):
         data_dir: str | Path | None = None,
         limit: int | None = None,
         seed: int = 0,
+        label_column: str = "label",
     ):
         ds = load_split(name, split, data_dir)
+        if label_column not in ds.column_names:
+            raise ValueError(f"dataset {name!r} has no column {label_column!r} (columns {ds.column_names}); set data.label_column")
         if limit is not None and limit < len(ds):
             ds = ds.shuffle(seed=seed).select(range(limit))
-        self.class_names = class_names(ds)
+        self.class_names = class_names(ds, label_column)
         images = arrays_to_batch([pil_to_array(im, channels) for im in ds["image"]], image_size)
         self.images = ((images + 1) * 127.5).round().to(torch.uint8)
-        self.labels = torch.tensor(ds["label"], dtype=torch.long)
+        self.labels = labels_tensor(ds[label_column]) if label_column != "label" else torch.tensor(ds["label"], dtype=torch.long)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -157,7 +199,8 @@ def build_dataset(cfg: dict, split_key: str, data_dir=None, limit: int | None = 
     seed = int(cfg.get("seed", 0))
     if cfg["name"] == "colormnist":
         return ColorMNIST(split, cfg["image_size"], data_dir, limit, seed=seed + (0 if split_key == "train_split" else 1))
-    return ImageDataset(cfg["name"], split, cfg["image_size"], cfg["channels"], data_dir, limit, seed)
+    return ImageDataset(cfg["name"], split, cfg["image_size"], cfg["channels"], data_dir, limit, seed,
+                        label_column=cfg.get("label_column", "label"))
 
 
 class SyntheticDataset(Dataset):

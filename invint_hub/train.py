@@ -3,6 +3,7 @@
     accelerate launch -m invint_hub.train classifier  --config configs/mnist.yaml --output-dir runs/mnist
     accelerate launch -m invint_hub.train autoencoder --config configs/mnist.yaml --output-dir runs/mnist
     accelerate launch -m invint_hub.train cinn        --config configs/mnist.yaml --output-dir runs/mnist [--layer fc]
+    accelerate launch -m invint_hub.train concepts    --config configs/colormnist.yaml --output-dir runs/colormnist
 
 Each stage writes its model to ``<output-dir>/{backbone,autoencoder,cinn/<layer>}`` (config.json,
 model.safetensors, model card) and updates ``<output-dir>/pipeline.json``, so after the three
@@ -34,7 +35,7 @@ from .flows import bits_per_dim
 from .hub import write_model_card
 from .pipeline import PIPELINE_FILE, InvariancePipeline
 
-STAGES = ("classifier", "autoencoder", "cinn")
+STAGES = ("classifier", "autoencoder", "cinn", "concepts")
 DEFAULT_TRAIN = dict(
     steps=1000, batch_size=64, lr=1e-3, betas=[0.9, 0.999], weight_decay=0.0, schedule="constant", warmup=0,
     clip_grad=0.0, log_every=50, eval_every=0, checkpoint_every=500, keep_checkpoints=2, eval_samples=2000,
@@ -54,9 +55,12 @@ def load_config(path: str | Path) -> dict:
     return cfg
 
 
-def train_settings(cfg: dict, stage: str, args) -> dict:
+def train_settings(cfg: dict, stage: str, args, layer: str | None = None) -> dict:
+    """The stage's ``train`` section over the defaults; for a cINN, ``train_overrides.<layer>`` on top; CLI flags last."""
     t = dict(DEFAULT_TRAIN)
     t.update(cfg.get(stage, {}).get("train", {}) or {})
+    if layer is not None:
+        t.update((cfg.get(stage, {}).get("train_overrides", {}) or {}).get(layer, {}) or {})
     if args.steps is not None:
         t["steps"] = args.steps
     if args.batch_size is not None:
@@ -151,12 +155,42 @@ def update_pipeline_json(out: Path, cfg: dict, **changes) -> None:
 
 
 def command_line(stage: str, args) -> str:
-    return "accelerate launch -m invint_hub.train " + " ".join(shlex.quote(a) for a in args.argv)
+    """The command as it was run (``accelerate launch`` sets ACCELERATE_* variables in its processes)."""
+    import os
+
+    launcher = "accelerate launch -m" if any(k.startswith("ACCELERATE_") for k in os.environ) else "python -m"
+    return f"{launcher} invint_hub.train " + " ".join(shlex.quote(a) for a in args.argv)
 
 
 # ---------------------------------------------------------------------------------------
 # the generic loop
 # ---------------------------------------------------------------------------------------
+def record_command(out: Path, name: str, args, from_step: int, steps: int, main_process: bool) -> None:
+    """Keep the commands that produced a model (a resumed run has several) for its model card."""
+    if not main_process:
+        return
+    path = out / "logs" / f"{name}.commands.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = "a" if from_step > 0 else "w"
+    with path.open(mode) as f:
+        f.write(json.dumps({"command": command_line(name, args), "from_step": from_step, "steps": steps}) + "\n")
+
+
+def command_history(out: Path, name: str, args) -> str:
+    """The command(s) that trained ``name``, for the model card."""
+    path = out / "logs" / f"{name}.commands.jsonl"
+    if not path.exists():
+        return command_line(name, args)
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if len(runs) == 1:
+        return runs[0]["command"]
+    lines = []
+    for r in runs:
+        lines.append(f"# from step {r['from_step']} (train.steps = {r['steps']})")
+        lines.append(r["command"])
+    return "\n".join(lines)
+
+
 def run_training(acc, name: str, model, optimizers, step_fn, eval_fn, train_ds, t: dict, args, out: Path, extra_objects=()):
     """Step-indexed training with checkpoints every ``checkpoint_every`` steps and exact resume."""
     from tqdm.auto import tqdm
@@ -164,6 +198,8 @@ def run_training(acc, name: str, model, optimizers, step_fn, eval_fn, train_ds, 
     state = TrainState()
     acc.register_for_checkpointing(state)
     ckpt_dir = out / "checkpoints" / name
+    # the schedule's base learning rates come from the config, before a resume loads the optimizer's last lr
+    base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
     if args.resume:
         last = latest_checkpoint(ckpt_dir)
         if last is not None:
@@ -172,7 +208,7 @@ def run_training(acc, name: str, model, optimizers, step_fn, eval_fn, train_ds, 
         else:
             acc.print(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
     logger = JsonlLogger(out / "logs" / f"{name}.jsonl", acc.is_main_process)
-    base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
+    record_command(out, name, args, state.step, t["steps"], acc.is_main_process)
     bar = tqdm(total=t["steps"], initial=state.step, desc=name, disable=not acc.is_main_process or args.quiet, dynamic_ncols=True)
     seed = args.seed
     t0, running = time.time(), {}
@@ -321,9 +357,9 @@ def train_classifier(acc, cfg, args, out: Path):
             {"architecture": m.arch, "dataset": data["name"], "layers": m.layers,
              "feature shapes": "; ".join(f"{k}: {list(v)}" for k, v in m.feature_shapes.items()),
              "parameters": sum(p.numel() for p in m.parameters()), "steps": t["steps"], "batch size": t["batch_size"]},
-            metrics={f"test accuracy (first {min(t['eval_samples'], len(test_ds))} test images)": ev["accuracy"],
+            metrics={f"test accuracy ({min(t['eval_samples'], len(test_ds))} test images)": ev["accuracy"],
                      "test loss": ev["loss"]},
-            command=command_line("classifier", args), datasets=[data["name"]],
+            command=command_history(out, "classifier", args), datasets=[data["name"]],
         )
     return ev
 
@@ -432,14 +468,14 @@ def train_autoencoder(acc, cfg, args, out: Path):
              + (f" + {lcfg['disc_weight']} x adaptive hinge GAN (from step {lcfg['disc_start']})" if disc is not None else ""),
              "perceptual term": perceptual_desc, "steps": t["steps"], "batch size": t["batch_size"]},
             metrics={"test L1 (posterior mean)": ev["l1"], "test PSNR dB": ev["psnr"], "latent variance (sum over dims)": ev["latent_var"]},
-            command=command_line("autoencoder", args), datasets=[data["name"]],
+            command=command_history(out, "autoencoder", args), datasets=[data["name"]],
         )
     return ev
 
 
 def train_cinn(acc, cfg, args, out: Path, layer: str):
     scfg = cfg.get("cinn", {})
-    t = train_settings(cfg, "cinn", args)
+    t = train_settings(cfg, "cinn", args, layer)
     data = cfg["data"]
     backbone = frozen(Backbone.from_pretrained(out / "backbone")).to(acc.device)
     ae = frozen(Autoencoder.from_pretrained(out / "autoencoder")).to(acc.device)
@@ -525,7 +561,7 @@ def train_cinn(acc, cfg, args, out: Path, layer: str):
             metrics={f"test NLL (bits/dim, first {n_eval} test images)": ev["bpd"],
                      "class agreement of samples D(t^-1(v|z)) with the input (1 sample per image)": ev["class_agreement"],
                      "share of z_bar variance explained by v (16 samples per image)": ev["variance_explained"]},
-            command=command_line("cinn", args), datasets=[data["name"]],
+            command=command_history(out, name, args), datasets=[data["name"]],
         )
         (out / "cinn" / layer / "metrics.json").write_text(json.dumps(ev, indent=2))
     acc.free_memory()  # forget this layer's model, optimizer and step counter before the next layer
@@ -619,6 +655,12 @@ def main(argv=None):
         if not (out / "backbone").is_dir() and cfg.get("autoencoder", {}).get("loss", {}).get("perceptual", "backbone") == "backbone":
             raise SystemExit(f"{out}/backbone not found: train the classifier stage first (its features give the perceptual loss)")
         results["autoencoder"] = train_autoencoder(acc, cfg, args, out)
+    elif args.stage == "concepts":  # the concept INN e (invint_hub.concepts)
+        from .concepts import train_concepts
+
+        if not (out / "autoencoder").is_dir():
+            raise SystemExit(f"{out}/autoencoder not found: train the autoencoder stage first")
+        results["concepts"] = train_concepts(acc, cfg, args, out)
     else:
         for needed in ("backbone", "autoencoder"):
             if not (out / needed).is_dir():

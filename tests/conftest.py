@@ -62,7 +62,8 @@ TINY = {
                     "train": {"steps": 2, "batch_size": 8, "log_every": 1, "checkpoint_every": 1, "eval_samples": 32}},
     "cinn": {"layers": ["conv1", "logits"],
              "model": {"embed_dim": 8, "n_flows": 2, "hidden": 16, "depth": 1, "embedder_depth": 2, "embedder_width": 4},
-             "train": {"steps": 2, "batch_size": 8, "log_every": 1, "checkpoint_every": 1, "eval_samples": 32}},
+             "train": {"steps": 2, "batch_size": 8, "log_every": 1, "checkpoint_every": 1, "eval_samples": 32,
+                       "schedule": "cosine"}},
 }
 
 

@@ -26,7 +26,7 @@ def test_all_stages_produce_a_loadable_pipeline(trained):
     assert pipe.sample_invariances(x, "logits", n=3, seed=0).shape == (2, 3, 1, 16, 16)
     for sub in ("backbone", "autoencoder", "cinn/conv1", "cinn/logits"):
         card = (trained / sub / "README.md").read_text()
-        assert "accelerate launch -m invint_hub.train" in card and "Metrics" in card
+        assert "-m invint_hub.train" in card and "Metrics" in card
     assert "| conv1 |" in (trained / "README.md").read_text()
     logs = [json.loads(line) for line in (trained / "logs" / "cinn_conv1.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs if r["split"] == "train"] == [1, 2]
@@ -48,11 +48,12 @@ def test_resume_after_kill_matches_uninterrupted(trained, tiny_config, tmp_path)
     for d in ("backbone", "autoencoder"):
         shutil.copytree(trained / d, tmp_path / "a" / d)
         shutil.copytree(trained / d, tmp_path / "b" / d)
-    common = ["cinn", "--config", str(tiny_config), "--layer", "conv1", "--quiet"]
+    # 3 steps with a cosine schedule, killed after step 2: the resumed step must use the schedule's lr
+    common = ["cinn", "--config", str(tiny_config), "--layer", "conv1", "--quiet", "--steps", "3"]
     main(common + ["--output-dir", str(tmp_path / "a")])
-    r = main(common + ["--output-dir", str(tmp_path / "b"), "--stop-after", "1"])
+    r = main(common + ["--output-dir", str(tmp_path / "b"), "--stop-after", "2"])
     assert r["conv1"] is None and not (tmp_path / "b" / "cinn" / "conv1").exists()
-    assert (tmp_path / "b" / "checkpoints" / "cinn_conv1" / "step_1").is_dir()
+    assert (tmp_path / "b" / "checkpoints" / "cinn_conv1" / "step_2").is_dir()
     main(common + ["--output-dir", str(tmp_path / "b"), "--resume"])
     a = ConditionalINN.from_pretrained(tmp_path / "a" / "cinn" / "conv1")
     b = ConditionalINN.from_pretrained(tmp_path / "b" / "cinn" / "conv1")
@@ -87,3 +88,15 @@ def test_two_processes_with_accelerate_launch(trained, tiny_config, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "cinn" / "logits" / "model.safetensors").is_file()
     assert (tmp_path / "checkpoints" / "cinn_logits" / "step_2").is_dir()
+
+
+def test_bf16_cinn_stage_keeps_fp32_weights_and_logdet(trained, tiny_config, tmp_path):
+    import shutil
+
+    for d in ("backbone", "autoencoder"):
+        shutil.copytree(trained / d, tmp_path / d)
+    r = main(["cinn", "--config", str(tiny_config), "--output-dir", str(tmp_path), "--layer", "fc", "--quiet",
+              "--mixed-precision", "bf16", "--cpu"])
+    assert r["fc"] is not None and torch.isfinite(torch.tensor(r["fc"]["bpd"]))
+    t = ConditionalINN.from_pretrained(tmp_path / "cinn" / "fc")
+    assert next(t.parameters()).dtype == torch.float32
