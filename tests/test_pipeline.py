@@ -59,7 +59,7 @@ def test_sample_shapes_and_seeded_determinism(pipe, digits):
 
 def test_temperature_zero_gives_identical_samples(pipe, digits):
     s = pipe.sample_invariances(digits[0][:1], "fc", n=3, temperature=0.0, seed=0)
-    assert torch.allclose(s[0, 0], s[0, 1])
+    assert torch.allclose(s[0, 0], s[0, 1], atol=1e-5)
 
 
 def test_invariances_round_trip_is_the_reconstruction(pipe, digits):
@@ -103,7 +103,7 @@ def test_bad_inputs_raise_value_error(pipe, bad_image_files):
     for path in bad_image_files.values():
         with pytest.raises(ValueError):
             pipe.sample_invariances(path, "fc", n=2)
-    with pytest.raises(ValueError, match="no cINN for layer"):
+    with pytest.raises(ValueError, match="conv9"):
         pipe.sample_invariances(torch.zeros(1, 1, 32, 32), "conv9")
     with pytest.raises(ValueError, match="n must be"):
         pipe.sample_invariances(torch.zeros(1, 1, 32, 32), "fc", n=0)
