@@ -639,6 +639,10 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(args.config)
     out = Path(args.output_dir or Path("runs") / Path(args.config).stem)
+    if not torch.distributed.is_initialized():  # main() called again in one process (tests, notebooks)
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     acc = Accelerator(
         cpu=args.cpu, mixed_precision=args.mixed_precision,
         log_with=args.log_with, project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
