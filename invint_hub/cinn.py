@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from .flows import ActNorm, Flow, standard_normal_nll
+from .flows import ActNorm, Flow, set_fast_path, standard_normal_nll
 from .hub import HUB_KWARGS, HubMixin
 
 
@@ -138,6 +138,14 @@ class ConditionalINN(nn.Module, HubMixin, **HUB_KWARGS):
         zbar, logdet = self.flow.inverse(v, self.embed(z))
         return (zbar, logdet) if return_logdet else zbar
 
+    def fast(self, enabled: bool = True, dtype: torch.dtype | None = None, cache: bool = True) -> "ConditionalINN":
+        """Switch the flow to the fast path (see ``flows.set_fast_path``); a runtime option, never saved.
+
+        On the fast path ``sample`` also embeds each representation once instead of ``n`` times.
+        """
+        set_fast_path(self.flow, enabled, dtype, cache)
+        return self
+
     def nll(self, zbar: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Per-sample negative log-likelihood (nats) of z_bar given z: the training loss."""
         v, logdet = self(zbar, z)
@@ -158,9 +166,13 @@ class ConditionalINN(nn.Module, HubMixin, **HUB_KWARGS):
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
-        z = z.repeat_interleave(n, dim=0)
         param = next(self.parameters())
         device = generator.device if generator is not None else param.device
+        if self.flow.fast_path:  # embed each representation once, not n times
+            self._check(torch.empty(z.shape[0], self.latent_dim, device="meta"), z)
+            v = torch.randn(z.shape[0] * n, self.latent_dim, generator=generator, device=device)
+            return self.flow.inverse(temperature * v.to(param.device, param.dtype), self.embed(z), cond_repeats=n)[0]
+        z = z.repeat_interleave(n, dim=0)
         v = torch.randn(z.shape[0], self.latent_dim, generator=generator, device=device).to(param.device, param.dtype)
         return self.inverse(temperature * v, z)
 
@@ -202,6 +214,11 @@ class INN(nn.Module, HubMixin, **HUB_KWARGS):
             raise ValueError(f"expected codes of shape (B, {self.dim}), got {tuple(e.shape)}")
         zbar, logdet = self.flow.inverse(e, None)
         return (zbar, logdet) if return_logdet else zbar
+
+    def fast(self, enabled: bool = True, dtype: torch.dtype | None = None, cache: bool = True) -> "INN":
+        """Switch the flow to the fast path (see ``flows.set_fast_path``); a runtime option, never saved."""
+        set_fast_path(self.flow, enabled, dtype, cache)
+        return self
 
     def nll(self, zbar: torch.Tensor) -> torch.Tensor:
         e, logdet = self(zbar)

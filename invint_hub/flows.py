@@ -11,10 +11,24 @@ is the conditioning embedding (B, E) or ``None`` for unconditional blocks.
 The structure follows the official cINN (CompVis/invariances ``blocks.py``):
 ActNorm -> double affine coupling (tanh-bounded log-scale, conditioning concatenated
 into every subnet) -> fixed random permutation.
+
+Fast path (a runtime option of ``Flow``, never saved; see ``set_fast_path``): the same
+parameters and the same math, evaluated with fewer and larger kernels. The ``s`` and ``t``
+subnets of a coupling run together as batched matmuls over stacked weights ``[W_s; W_t]``
+(``torch.baddbmm``; tanh only on the ``s`` half); the weights of all couplings are stacked
+in one copy per layer; the condition's share of every coupling's input layer is one matmul
+for the whole flow; the forward pass never synchronises with the host once the ActNorms are
+initialised (so a training step can be captured as one CUDA graph); and the subnets can run
+in bf16 while the flow's state and its log-determinant stay in fp32.
 """
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -75,15 +89,31 @@ class ActNorm(nn.Module):
         return x, logdet
 
 
+SUBNET_SLOPE = 0.01  # LeakyReLU slope of the coupling subnets (official BasicFullyConnectedNet)
+# CPU inference on the fast path: subnet layers at least this wide run through oneDNN with weights
+# pre-packed once (the blocked layout that its matmul wants); narrower ones are faster as plain matmuls.
+ONEDNN_MIN_WIDTH = 512
+
+
+def _onednn_linear_available() -> bool:
+    """oneDNN's pre-packed linear (the ops that torch.compile's CPU freezing uses) is present."""
+    try:
+        return torch.backends.mkldnn.is_available() and all(
+            hasattr(torch.ops.mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise")
+        )
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def mlp(in_dim: int, out_dim: int, hidden: int, depth: int, final_tanh: bool = False) -> nn.Sequential:
     """``depth`` hidden layers of width ``hidden`` with LeakyReLU(0.01), as the official subnets.
 
     Official ``BasicFullyConnectedNet(depth=2)`` = Linear-LReLU, 2x(Linear-LReLU), Linear:
     i.e. ``depth + 1`` hidden layers. We keep that convention.
     """
-    layers: list[nn.Module] = [nn.Linear(in_dim, hidden), nn.LeakyReLU(0.01)]
+    layers: list[nn.Module] = [nn.Linear(in_dim, hidden), nn.LeakyReLU(SUBNET_SLOPE)]
     for _ in range(depth):
-        layers += [nn.Linear(hidden, hidden), nn.LeakyReLU(0.01)]
+        layers += [nn.Linear(hidden, hidden), nn.LeakyReLU(SUBNET_SLOPE)]
     layers.append(nn.Linear(hidden, out_dim))
     if final_tanh:
         layers.append(nn.Tanh())
@@ -107,6 +137,12 @@ class AffineCoupling(nn.Module):
     def _st(self, x_a: torch.Tensor, cond: torch.Tensor | None):
         h = x_a if cond is None else torch.cat([x_a, cond], dim=1)
         return self.s(h), self.t(h)
+
+    def linear_pairs(self) -> list[tuple[nn.Linear, nn.Linear]]:
+        """The (s, t) Linear layers of the two subnets, input layer first."""
+        s = [m for m in self.s if isinstance(m, nn.Linear)]
+        t = [m for m in self.t if isinstance(m, nn.Linear)]
+        return list(zip(s, t))
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
         x_a, x_b = x[:, : self.dim_a], x[:, self.dim_a :]
@@ -192,28 +228,312 @@ class FlowBlock(nn.Module):
         return y, logdet
 
 
+@dataclass
+class FlowPack:
+    """Parameters of a ``Flow`` laid out for the fast path: one stacked copy per subnet layer.
+
+    K = 2 * n_flows couplings (block k: first = 2k, second = 2k + 1), H = subnet width.
+    Every tensor is a view of a few ``torch.stack`` results, so gradients reach the modules.
+
+    w_in:    K views (2H, dim_a): input-layer weights acting on the kept half, rows [s; t].
+    w_cond:  (K * 2H, cond_dim) input-layer weights acting on the condition, or None.
+    b_in:    (K * 2H, 1) input-layer biases.
+    hidden:  per coupling, per further layer: (W (2, out, in), b (2, out, 1)).
+    scale, inv_scale, shift, neg_loc: ActNorm, n_flows x (dim, 1): y = x * scale + shift
+        (shift = loc * scale), x = y * inv_scale + neg_loc.
+    actnorm_logdet: sum of all ActNorm log-scales (fp32 scalar).
+    perm, inv_perm: the blocks' permutations; dim, dim_a: vector size and kept half of a coupling.
+    onednn:  CPU inference only (else None): per coupling, per further layer, oneDNN pre-packed
+        (W_s, W_t) and biases (b_s, b_t), used instead of ``hidden``.
+    """
+
+    w_in: list[torch.Tensor]
+    w_cond: torch.Tensor | None
+    b_in: torch.Tensor
+    hidden: list[list[tuple[torch.Tensor, torch.Tensor]]]
+    scale: tuple[torch.Tensor, ...]
+    inv_scale: tuple[torch.Tensor, ...]
+    shift: tuple[torch.Tensor, ...]
+    neg_loc: tuple[torch.Tensor, ...]
+    actnorm_logdet: torch.Tensor
+    perm: list[torch.Tensor]
+    inv_perm: list[torch.Tensor]
+    dim: int
+    dim_a: int
+    onednn: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] | None = None
+
+
 class Flow(nn.Module):
-    """A stack of ``n_flows`` FlowBlocks on vectors of size ``dim``."""
+    """A stack of ``n_flows`` FlowBlocks on vectors of size ``dim``.
+
+    ``set_fast_path(flow, True)`` (or ``flow.fast_path = True``) switches to the fast path:
+    same parameters, same state-dict, same results up to float rounding.
+    """
 
     def __init__(self, dim: int, cond_dim: int, n_flows: int, hidden: int, depth: int, seed: int = 0):
         super().__init__()
         self.blocks = nn.ModuleList(
             FlowBlock(dim, cond_dim, hidden, depth, seed=seed + i) for i in range(n_flows)
         )
+        # Runtime options (plain attributes: never in the state dict or the config).
+        self.fast_path = False
+        self.fast_dtype: torch.dtype | None = None  # subnet matmul dtype on the fast path (None: as the weights)
+        self.fast_cache = True  # cache the stacked weights while gradients are off (inference)
+        self.fast_onednn = True  # cached CPU inference: pre-packed oneDNN matmuls for wide subnets
+        self._pack_cache: tuple[tuple, FlowPack] | None = None
+        self._pack_params: list[nn.Parameter] | None = None
+        self.register_load_state_dict_post_hook(_drop_pack_cache)
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .half() / ...: the cached pack is stale
+        _drop_pack_cache(self)
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
+        if self.fast_path and self._fast_ready():
+            return self._fast_forward(x, cond)
         logdet = x.new_zeros(x.shape[0], dtype=torch.float32)
         for block in self.blocks:
             x, ld = block(x, cond)
             logdet = logdet + ld
         return x, logdet
 
-    def inverse(self, y: torch.Tensor, cond: torch.Tensor | None = None):
+    def inverse(self, y: torch.Tensor, cond: torch.Tensor | None = None, cond_repeats: int = 1):
+        """y -> (x, logdet). ``cond_repeats`` > 1: ``cond`` holds one row per ``cond_repeats``
+        consecutive rows of ``y`` (many samples of one condition; the fast path then computes the
+        condition's share of the subnets once per row of ``cond``)."""
+        if cond is not None and cond_repeats != 1:
+            if cond_repeats < 1 or cond.shape[0] * cond_repeats != y.shape[0]:
+                raise ValueError(f"{cond.shape[0]} conditions x {cond_repeats} repeats != {y.shape[0]} rows")
+            if not (self.fast_path and self._fast_ready()):
+                cond = cond.repeat_interleave(cond_repeats, dim=0)
+        if self.fast_path and self._fast_ready():
+            return self._fast_inverse(y, cond, cond_repeats)
         logdet = y.new_zeros(y.shape[0], dtype=torch.float32)
         for block in reversed(self.blocks):
             y, ld = block.inverse(y, cond)
             logdet = logdet + ld
         return y, logdet
+
+    # ---- fast path ----------------------------------------------------------------------
+    def _fast_ready(self) -> bool:
+        """False while an ActNorm still awaits its data-dependent init: that call takes the plain path.
+
+        Reads each ActNorm's flag from the device at most once (then cached on the host), so a
+        training step of an initialised flow never synchronises.
+        """
+        if len(self.blocks) == 0:
+            return False
+        for block in self.blocks:
+            norm = block.norm
+            if not norm._known_initialized:
+                if bool(norm.initialized.item()):
+                    norm._known_initialized = True
+                elif self.training:
+                    return False
+        return True
+
+    def pack(self, dtype: torch.dtype | None = None, onednn: bool = False) -> FlowPack:
+        """Stack the parameters for the fast path (differentiable; one ``torch.stack`` per layer).
+
+        ``onednn`` (CPU, fp32/bf16, no gradients) also pre-packs the layers after the input layer.
+        """
+        couplings = [c for b in self.blocks for c in (b.coupling.first, b.coupling.second)]
+        pairs = [c.linear_pairs() for c in couplings]
+        dim_a, n_layers = couplings[0].dim_a, len(pairs[0])
+
+        def stacked(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            w = torch.stack([lin.weight for p in pairs for lin in p[i]])  # (2K, out, in): s, t, s, t, ...
+            b = torch.stack([lin.bias for p in pairs for lin in p[i]]).unsqueeze(2)  # (2K, out, 1)
+            return (w, b) if dtype is None else (w.to(dtype), b.to(dtype))
+
+        w0, b0 = stacked(0)
+        k2, hid = w0.shape[0], w0.shape[1]
+        w_in = [w.reshape(2 * hid, dim_a) for w in w0[:, :, :dim_a].split(2)]
+        w_cond = w0[:, :, dim_a:].reshape(k2 * hid, -1) if w0.shape[2] > dim_a else None
+        hidden: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in couplings]
+        for i in range(1, n_layers):
+            w, b = stacked(i)
+            # split (not indexing): its backward is a single concatenation of the gradients
+            for k, (wk, bk) in enumerate(zip(w.split(2), b.split(2))):
+                hidden[k].append((wk, bk))
+        packed = None
+        if onednn:  # the pre-packed copies replace the stacked ones
+            packed = [[(_reorder(w[0]), _reorder(w[1]), b[0, :, 0], b[1, :, 0]) for w, b in layers] for layers in hidden]
+            hidden = [[] for _ in couplings]
+        log_scale = torch.stack([b.norm.log_scale for b in self.blocks]).unsqueeze(2)  # (n, dim, 1)
+        loc = torch.stack([b.norm.loc for b in self.blocks]).unsqueeze(2)
+        scale = log_scale.exp()
+        return FlowPack(
+            w_in=w_in, w_cond=w_cond, b_in=b0.reshape(k2 * hid, 1), hidden=hidden,
+            scale=scale.unbind(0), inv_scale=(-log_scale).exp().unbind(0), shift=(loc * scale).unbind(0),
+            neg_loc=(-loc).unbind(0),
+            actnorm_logdet=log_scale.float().sum(),
+            perm=[b.shuffle.perm for b in self.blocks], inv_perm=[b.shuffle.inv_perm for b in self.blocks],
+            dim=log_scale.shape[1], dim_a=dim_a,
+            onednn=packed,
+        )
+
+    def _get_pack(self) -> FlowPack:
+        """The pack, from the cache when gradients are off and no parameter changed since it was built.
+
+        A change is seen through the parameters' version counters (in-place updates such as an
+        optimizer step or ``load_state_dict``) and storage pointers (``.to()``); ``_apply`` and
+        state-dict loads drop the cache outright.
+        """
+        if not self.fast_cache or torch.is_grad_enabled():
+            self._pack_cache = None
+            return self.pack(self.fast_dtype)
+        if self._pack_params is None:
+            self._pack_params = list(self.parameters())
+        try:
+            key = (self.fast_dtype, self.fast_onednn, tuple((p.data_ptr(), p._version) for p in self._pack_params))
+        except RuntimeError:  # e.g. inference tensors have no version counter
+            return self.pack(self.fast_dtype)
+        if self._pack_cache is None or self._pack_cache[0] != key:
+            self._pack_cache = None  # free the old copy first
+            p0 = self._pack_params[0]
+            dtype = self.fast_dtype or p0.dtype
+            lin = self.blocks[0].coupling.first.linear_pairs()[-1][0]
+            onednn = (self.fast_onednn and p0.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
+                      and lin.in_features >= ONEDNN_MIN_WIDTH and _onednn_linear_available())
+            self._pack_cache = (key, self.pack(self.fast_dtype, onednn=onednn))
+        return self._pack_cache[1]
+
+    # The fast passes carry activations feature-major, (dim, B): every layer is W @ a, so the
+    # weights are read in their stored (out, in) order, the halves of a coupling are row
+    # slices, and the s/t input layer of a coupling is one matmul with the rows [W_s; W_t].
+
+    def _input_terms(self, p: FlowPack, cond: torch.Tensor | None, repeats: int = 1) -> tuple[torch.Tensor, ...]:
+        """Bias + condition part of every coupling's input layer, K x (2H, B) or (2H, 1): one matmul
+        (on the distinct conditions, then repeated ``repeats`` times)."""
+        k = len(p.w_in)
+        if cond is None or p.w_cond is None:
+            return p.b_in.view(k, -1, 1).unbind(0)
+        terms = torch.addmm(p.b_in, p.w_cond, cond.t().to(p.w_cond.dtype))  # (K * 2H, B / repeats)
+        if repeats > 1:
+            terms = terms.repeat_interleave(repeats, dim=1)
+        return terms.view(k, -1, terms.shape[1]).unbind(0)
+
+    def _subnets(self, p: FlowPack, j: int, x_a: torch.Tensor, terms: tuple[torch.Tensor, ...]):
+        """s (tanh) and t of coupling ``j`` for the kept half x_a (dim_a, B); both in x_a's dtype."""
+        dtype, w_in = x_a.dtype, p.w_in[j]
+        a = torch.addmm(terms[j], w_in, x_a if w_in.dtype == dtype else x_a.to(w_in.dtype))  # (2H, B): [s; t]
+        a = a.view(2, -1, a.shape[-1])
+        if p.onednn is None:
+            for w, b in p.hidden[j]:
+                a = torch.baddbmm(b, w, F.leaky_relu(a, SUBNET_SLOPE))  # (2, out, B)
+            s, t = a.unbind(0)  # unbind (not indexing): one node in the backward pass
+        else:  # CPU inference: batch-major through pre-packed weights, bias and LeakyReLU fused
+            s, t = (h.t() for h in F.leaky_relu(a, SUBNET_SLOPE).unbind(0))  # (B, H) each
+            layers = p.onednn[j]
+            for i, (w_s, w_t, b_s, b_t) in enumerate(layers):
+                act, scalars = ("none", []) if i == len(layers) - 1 else ("leaky_relu", [SUBNET_SLOPE])
+                s = torch.ops.mkldnn._linear_pointwise(s, w_s, b_s, act, scalars, "")
+                t = torch.ops.mkldnn._linear_pointwise(t, w_t, b_t, act, scalars, "")
+            s, t = s.t(), t.t()  # (out, B)
+        if s.dtype != dtype:
+            s, t = s.to(dtype), t.to(dtype)
+        return torch.tanh(s), t
+
+    def _fast_forward(self, x: torch.Tensor, cond: torch.Tensor | None):
+        p = self._get_pack()
+        terms = self._input_terms(p, cond)
+        halves = [p.dim_a, p.dim - p.dim_a]  # a split (not slicing) is one node in the backward pass
+        even = halves[0] == halves[1]
+        x = x.t().contiguous()  # (dim, B)
+        s_all: list[torch.Tensor] = []  # every coupling's log-scale, summed once at the end
+        for k in range(len(p.perm)):
+            x = torch.addcmul(p.shift[k], x, p.scale[k])  # ActNorm
+            # first coupling: [x_a, x_b] -> [x_a, y_b], then the half swap at dim // 2 == dim_a: [y_b, x_a]
+            x_a, x_b = x.split_with_sizes(halves)
+            s, t = self._subnets(p, 2 * k, x_a, terms)
+            s_all.append(s)
+            y_b = torch.addcmul(t, x_b, s.exp())
+            # second coupling on [y_b, x_a]: with an even dim its halves are y_b and x_a themselves
+            x_a, x_b = (y_b, x_a) if even else torch.cat([y_b, x_a]).split_with_sizes(halves)
+            s, t = self._subnets(p, 2 * k + 1, x_a, terms)
+            s_all.append(s)
+            x = torch.cat([x_a, torch.addcmul(t, x_b, s.exp())])
+            x = x.index_select(0, p.perm[k])  # Shuffle
+        logdet = torch.cat(s_all).float().sum(0) + p.actnorm_logdet
+        return x.t().contiguous(), logdet
+
+    def _fast_inverse(self, y: torch.Tensor, cond: torch.Tensor | None, cond_repeats: int = 1):
+        p = self._get_pack()
+        terms = self._input_terms(p, cond, cond_repeats)
+        da, split = p.dim_a, p.dim - p.dim // 2  # kept half; where the inverse half swap cuts
+        halves = [da, p.dim - da]
+        y = y.t().contiguous()  # (dim, B)
+        s_all: list[torch.Tensor] = []
+        for k in reversed(range(len(p.perm))):
+            y = y.index_select(0, p.inv_perm[k])  # Shuffle
+            # second coupling: [y_a, y_b] -> [y_a, x_b], then the inverse half swap at `split`
+            y_a, y_b = y.split_with_sizes(halves)
+            s, t = self._subnets(p, 2 * k + 1, y_a, terms)
+            s_all.append(s)
+            x_b = (y_b - t) / s.exp()
+            if split == da:  # even dim: the swapped vector is [x_b, y_a], i.e. the first coupling's halves
+                y_a, y_b = x_b, y_a
+            else:
+                y = torch.cat([y_a, x_b])
+                y_a, y_b = torch.cat([y[split:], y[:split]]).split_with_sizes(halves)
+            # first coupling
+            s, t = self._subnets(p, 2 * k, y_a, terms)
+            s_all.append(s)
+            y = torch.cat([y_a, (y_b - t) / s.exp()])
+            y = torch.addcmul(p.neg_loc[k], y, p.inv_scale[k])  # ActNorm inverse
+        logdet = -(torch.cat(s_all).float().sum(0) + p.actnorm_logdet)
+        return y.t().contiguous(), logdet
+
+
+def _reorder(w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous())
+
+
+def _drop_pack_cache(flow: "Flow", *args) -> None:
+    """Forget the fast path's cached weights (a state-dict load or ``.to()`` may replace them)."""
+    flow._pack_cache = None
+    flow._pack_params = None
+
+
+def set_fast_path(
+    module: nn.Module, enabled: bool = True, dtype: torch.dtype | None = None, cache: bool = True
+) -> nn.Module:
+    """Switch every ``Flow`` inside ``module`` to (or back from) the fast path; returns ``module``.
+
+    Args:
+        enabled: use stacked-subnet batched matmuls without host synchronisation.
+        dtype: run the subnet matmuls in this dtype (e.g. ``torch.bfloat16``); the flow's
+            activations and log-determinant stay in the input dtype. ``None``: the weights'
+            dtype (an enclosing ``torch.autocast`` still applies).
+        cache: keep the stacked weights between calls while gradients are off (inference);
+            costs one extra copy of the subnet weights (in ``dtype``).
+    """
+    if dtype is not None and not dtype.is_floating_point:
+        raise ValueError(f"fast-path dtype must be a floating dtype, got {dtype}")
+    flows = [m for m in module.modules() if isinstance(m, Flow)]
+    if not flows:
+        raise ValueError(f"{type(module).__name__} contains no Flow")
+    for f in flows:
+        f.fast_path, f.fast_dtype, f.fast_cache = bool(enabled), dtype, bool(cache)
+        if not (enabled and cache):
+            f._pack_cache = None  # the cache is keyed by dtype and parameter versions: keep it otherwise
+    return module
+
+
+@contextlib.contextmanager
+def fast_path(
+    module: nn.Module, enabled: bool = True, dtype: torch.dtype | None = None, cache: bool = True
+) -> Iterator[nn.Module]:
+    """Context manager form of ``set_fast_path``; restores the previous options on exit."""
+    flows = [m for m in module.modules() if isinstance(m, Flow)]
+    before = [(f.fast_path, f.fast_dtype, f.fast_cache) for f in flows]
+    set_fast_path(module, enabled, dtype, cache)
+    try:
+        yield module
+    finally:
+        for f, (e, d, c) in zip(flows, before):
+            f.fast_path, f.fast_dtype, f.fast_cache, f._pack_cache = e, d, c, None
 
 
 def standard_normal_nll(v: torch.Tensor, logdet: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,393 @@
+"""The fast path (issue 6): same parameters, same state dict, same numbers as the plain path."""
+import copy
+import json
+
+import pytest
+import torch
+
+from invint_hub.cinn import INN, ConditionalINN
+from invint_hub.flows import ActNorm, Flow, fast_path, set_fast_path
+
+RTOL = 1e-5  # relative parity (fp32) asked by the issue
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+
+
+def _randomized_flow(dim, cond, n_flows=3, hidden=16, depth=2, seed=0):
+    torch.manual_seed(seed)
+    flow = Flow(dim, cond, n_flows=n_flows, hidden=hidden, depth=depth)
+    with torch.no_grad():
+        for p in flow.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    for m in flow.modules():
+        if isinstance(m, ActNorm):
+            m.initialized.fill_(1)
+    return flow
+
+
+def _grads(module, loss):
+    module.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("dim,cond,depth", [(6, 3, 2), (7, 3, 1), (8, 0, 0), (5, 4, 2)])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_flow_fast_matches_plain(dim, cond, depth, batch):
+    """Forward, inverse, logdets and every parameter gradient agree (fp32, |diff| < 1e-5 relative)."""
+    flow = _randomized_flow(dim, cond, depth=depth).train()
+    fast = copy.deepcopy(flow)
+    set_fast_path(fast)
+    x = torch.randn(batch, dim, requires_grad=True)
+    c = torch.randn(batch, cond, requires_grad=True) if cond else None
+
+    y0, ld0 = flow(x, c)
+    y1, ld1 = fast(x, c)
+    assert y1.shape == y0.shape and ld1.shape == (batch,) and y1.is_contiguous()
+    assert rel(y1, y0) < RTOL and rel(ld1, ld0) < RTOL
+
+    w = torch.randn_like(y0)
+    g0 = _grads(flow, (y0 * w).sum() - ld0.sum())
+    g1 = _grads(fast, (y1 * w).sum() - ld1.sum())
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        assert rel(g1[name], g0[name]) < RTOL, name
+    # gradients w.r.t. the inputs too
+    gx0 = torch.autograd.grad((flow(x, c)[0] * w).sum(), [x] + ([c] if cond else []))
+    gx1 = torch.autograd.grad((fast(x, c)[0] * w).sum(), [x] + ([c] if cond else []))
+    for a, b in zip(gx1, gx0):
+        assert rel(a, b) < RTOL
+
+    flow.eval(), fast.eval()
+    with torch.no_grad():
+        x0, li0 = flow.inverse(y0, c)
+        x1, li1 = fast.inverse(y0, c)
+    assert rel(x1, x0) < RTOL and rel(li1, li0) < RTOL
+    assert (x1 - x).abs().max() < 1e-4 and torch.allclose(li1, -ld0, atol=1e-5)  # still a bijection
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_cpu_inference_with_prepacked_wide_subnets(dtype):
+    """Cached CPU inference with subnets >= 512 wide runs through pre-packed oneDNN matmuls; same results."""
+    from invint_hub.flows import _onednn_linear_available
+
+    if not _onednn_linear_available():
+        pytest.skip("this torch build has no oneDNN pre-packed linear")
+    flow = _randomized_flow(8, 3, n_flows=2, hidden=512, depth=1).eval()
+    fast = set_fast_path(copy.deepcopy(flow), dtype=dtype)
+    y, c = torch.randn(5, 8), torch.randn(5, 3)
+    with torch.no_grad():
+        ref, ld_ref = flow.inverse(y, c)
+        out, ld = fast.inverse(y, c)
+        assert fast._pack_cache[1].onednn is not None
+        fast.fast_onednn = False  # the stacked-matmul path, for comparison
+        out2, ld2 = fast.inverse(y, c)
+        assert fast._pack_cache[1].onednn is None
+        fwd, fld = flow(y, c)
+        fast.fast_onednn = True
+        fwd1, fld1 = fast(y, c)
+    tol = RTOL if dtype is None else 2e-2
+    assert rel(out, ref) < tol and rel(out2, ref) < tol and rel(ld, ld_ref) < tol
+    assert rel(fwd1, fwd) < tol and rel(fld1, fld) < tol
+    # narrow subnets never take the pre-packed route
+    narrow = set_fast_path(_randomized_flow(8, 3, hidden=64).eval())
+    with torch.no_grad():
+        narrow.inverse(y, c)
+    assert narrow._pack_cache[1].onednn is None
+
+
+def test_repeated_conditions():
+    """inverse(v, cond, cond_repeats=n) == inverse(v, cond repeated n times), on both paths."""
+    flow = _randomized_flow(6, 3).eval()
+    y, c = torch.randn(6, 6), torch.randn(2, 3)
+    with torch.no_grad():
+        ref = flow.inverse(y, c.repeat_interleave(3, 0))
+        plain = flow.inverse(y, c, cond_repeats=3)
+        fast = set_fast_path(copy.deepcopy(flow)).inverse(y, c, cond_repeats=3)
+    assert torch.equal(plain[0], ref[0]) and rel(fast[0], ref[0]) < RTOL and rel(fast[1], ref[1]) < RTOL
+    with pytest.raises(ValueError, match="repeats"):
+        flow.inverse(y, c, cond_repeats=2)
+
+
+def test_fast_path_does_the_same_matmul_work():
+    """The fast path adds no matmul FLOPs (same math, fewer and larger kernels)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flow = _randomized_flow(8, 4, n_flows=2, hidden=32, depth=2).train()
+    x, c = torch.randn(6, 8), torch.randn(6, 4)
+    fwd, total = [], []
+    for enabled in (False, True):
+        set_fast_path(flow, enabled)
+        with FlopCounterMode(display=False) as counter:
+            y, ld = flow(x, c)
+        fwd.append(counter.get_total_flops())
+        with FlopCounterMode(display=False) as counter:
+            (y.sum() - ld.sum()).backward()
+        total.append(counter.get_total_flops())
+    assert fwd[0] > 0 and fwd[0] == fwd[1]
+    # backward: the plain path also differentiates the concatenated condition, which needs no gradient here
+    n_couplings, batch, hidden = 4, 6, 32
+    assert total[0] - total[1] == n_couplings * 2 * (2 * batch * 4 * hidden)
+
+
+def _cinn(cond_shape, **kw):
+    torch.manual_seed(0)
+    args = dict(latent_dim=10, cond_shape=cond_shape, embed_dim=6, n_flows=3, hidden=16, depth=2,
+                embedder_depth=2, embedder_width=4)
+    args.update(kw)
+    t = ConditionalINN(**args)
+    with torch.no_grad():
+        t.train()(torch.randn(32, 10), torch.randn(32, *cond_shape))  # data-dependent ActNorm init
+        for p in t.flow.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return t
+
+
+@pytest.mark.parametrize("cond_shape", [[7], [6, 8, 8]])
+def test_conditional_inn_fast_matches_plain(cond_shape):
+    t = _cinn(cond_shape)
+    f = copy.deepcopy(t).fast(True)
+    zbar, z = torch.randn(4, 10), torch.randn(4, *cond_shape)
+    t.train(), f.train()
+    nll0, nll1 = t.nll(zbar, z), f.nll(zbar, z)
+    assert rel(nll1, nll0) < RTOL
+    g0, g1 = _grads(t, nll0.mean()), _grads(f, nll1.mean())
+    for name in g0:  # embedder gradients included
+        assert rel(g1[name], g0[name]) < RTOL, name
+    t.eval(), f.eval()
+    with torch.no_grad():
+        v = torch.randn(4, 10)
+        assert rel(f.inverse(v, z), t.inverse(v, z)) < RTOL
+        s0 = t.sample(z, n=3, generator=torch.Generator().manual_seed(1))
+        s1 = f.sample(z, n=3, generator=torch.Generator().manual_seed(1))
+    assert s1.shape == (12, 10) and rel(s1, s0) < RTOL
+    with pytest.raises(ValueError, match="representations"):
+        f.sample(torch.randn(2, 5))
+
+
+def test_unconditional_inn_fast_matches_plain():
+    torch.manual_seed(0)
+    inn = INN(dim=12, n_flows=2, hidden=16, depth=1)
+    with torch.no_grad():
+        inn.train()(torch.randn(64, 12))
+    f = copy.deepcopy(inn).fast(True)
+    x = torch.randn(5, 12)
+    assert rel(f.nll(x), inn.nll(x)) < RTOL
+    with torch.no_grad():
+        e = torch.randn(5, 12)
+        assert rel(f.eval().inverse(e), inn.eval().inverse(e)) < RTOL
+
+
+def test_state_dict_and_config_unchanged(tmp_path):
+    """The fast path is a runtime option: keys, shapes, config.json and the saved file are the same."""
+    t = _cinn([7])
+    keys = {k: tuple(v.shape) for k, v in t.state_dict().items()}
+    t.save_pretrained(tmp_path / "plain")
+    t.fast(True, dtype=torch.bfloat16)
+    with torch.no_grad():
+        t.eval().sample(torch.randn(1, 7), n=2)  # fills the weight cache
+    assert {k: tuple(v.shape) for k, v in t.state_dict().items()} == keys
+    t.save_pretrained(tmp_path / "fast")
+    cfg_plain = json.loads((tmp_path / "plain" / "config.json").read_text())
+    cfg_fast = json.loads((tmp_path / "fast" / "config.json").read_text())
+    assert cfg_plain == cfg_fast and not any("fast" in k for k in cfg_fast)
+    plain_bytes = (tmp_path / "plain" / "model.safetensors").read_bytes()
+    assert plain_bytes == (tmp_path / "fast" / "model.safetensors").read_bytes()
+    loaded = ConditionalINN.from_pretrained(tmp_path / "fast")
+    assert not loaded.flow.fast_path  # a reload starts on the plain path
+
+
+def test_inference_cache_follows_parameter_changes():
+    t = _cinn([7]).eval()
+    f = copy.deepcopy(t).fast(True)
+    v, z = torch.randn(3, 10), torch.randn(3, 7)
+    with torch.no_grad():
+        f.inverse(v, z)
+        assert f.flow._pack_cache is not None
+        # an in-place update (what an optimizer step does)
+        for m in (t, f):
+            m.flow.blocks[1].coupling.second.s[0].weight.mul_(1.5)
+            m.flow.blocks[0].norm.loc.add_(0.3)
+        assert rel(f.inverse(v, z), t.inverse(v, z)) < RTOL
+        # a state-dict load
+        other = _cinn([7])
+        with torch.no_grad():
+            for p in other.parameters():
+                p.add_(0.05)
+        t.load_state_dict(other.state_dict())
+        f.load_state_dict(other.state_dict())
+        assert rel(f.inverse(v, z), t.inverse(v, z)) < RTOL
+        # a dtype change
+        t64, f64 = t.double(), f.double()
+        out = f64.inverse(v.double(), z.double())
+        assert out.dtype == torch.float64 and rel(out, t64.inverse(v.double(), z.double())) < 1e-10
+    # with gradients on, nothing is cached and gradients reach the parameters
+    f64.train()
+    f64.nll(v.double(), z.double()).mean().backward()
+    assert f64.flow._pack_cache is None
+    assert f64.flow.blocks[0].coupling.first.t[0].weight.grad.abs().sum() > 0
+
+
+def test_training_steps_track_plain_path():
+    """A few Adam steps on the fast path land on the same parameters as on the plain path."""
+    t = _cinn([7])
+    f = copy.deepcopy(t).fast(True)
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in (t, f)]
+    g = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        zbar, z = torch.randn(8, 10, generator=g), torch.randn(8, 7, generator=g)
+        for m, opt in zip((t, f), opts):
+            opt.zero_grad()
+            m.train().nll(zbar, z).mean().backward()
+            opt.step()
+    for (n, a), b in zip(t.named_parameters(), f.parameters()):
+        assert (a - b).abs().max() < 1e-5, n
+
+
+def test_actnorm_init_happens_on_the_fast_path_too():
+    torch.manual_seed(0)
+    t = ConditionalINN(latent_dim=8, cond_shape=[3], embed_dim=4, n_flows=2, hidden=8, depth=1, embedder_depth=1)
+    f = copy.deepcopy(t).fast(True)
+    x = torch.randn(64, 8) * 3 + 1
+    c = torch.randn(64, 3)
+    t.train()(x, c)
+    f.train()(x, c)
+    for a, b in zip(t.modules(), f.modules()):
+        if isinstance(a, ActNorm):
+            assert a.initialized.item() == b.initialized.item() == 1
+            assert torch.allclose(a.loc, b.loc, atol=1e-6) and torch.allclose(a.log_scale, b.log_scale, atol=1e-6)
+    # both are now initialised and still agree
+    assert rel(f(x, c)[0], t(x, c)[0]) < RTOL
+
+
+def test_fast_forward_has_no_host_sync():
+    """Once initialised, a training forward + backward issues no op that reads a device value on the host."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    sync_ops = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.item.default",
+                "aten.is_nonzero.default", "aten.equal.default"}
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    t = _cinn([7]).fast(True).train()
+    zbar, z = torch.randn(4, 10), torch.randn(4, 7)
+    t.nll(zbar, z).mean().backward()  # the first call may read the ActNorm flags once
+    with Recorder() as rec:
+        t.nll(zbar, z).mean().backward()
+    assert rec.ops and not (set(rec.ops) & sync_ops), set(rec.ops) & sync_ops
+    # the plain path reads nothing either once initialised (control: the recorder does see .item())
+    with Recorder() as rec:
+        torch.ones(()).item()
+    assert "aten._local_scalar_dense.default" in rec.ops
+
+
+@pytest.mark.parametrize("how", ["explicit", "autocast"])
+def test_bf16_keeps_state_and_logdet_in_fp32(how):
+    t = _cinn([7]).train()
+    zbar, z = torch.randn(16, 10), torch.randn(16, 7)
+    v0, ld0 = t(zbar, z)
+    f = copy.deepcopy(t)
+    if how == "explicit":
+        f.fast(True, dtype=torch.bfloat16)
+        v1, ld1 = f(zbar, z)
+    else:
+        f.fast(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            v1, ld1 = f(zbar, z)
+    assert v1.dtype == torch.float32 and ld1.dtype == torch.float32
+    assert 0 < rel(v1, v0) < 5e-2 and rel(ld1, ld0) < 5e-2  # bf16 matmuls: close, not identical
+    (0.5 * v1.pow(2).sum() - ld1.sum()).backward()
+    w = f.flow.blocks[0].coupling.first.s[0].weight
+    assert w.grad is not None and w.grad.dtype == torch.float32 and w.grad.abs().sum() > 0
+    with torch.no_grad():  # sampling in bf16 stays a close approximation of the fp32 inverse
+        f.eval(), t.eval()
+        vv = torch.randn(4, 10)
+        assert rel(f.inverse(vv, z[:4]), t.inverse(vv, z[:4])) < 5e-2
+
+
+def test_options_and_context_manager():
+    t = _cinn([7])
+    with fast_path(t, dtype=torch.bfloat16):
+        assert t.flow.fast_path and t.flow.fast_dtype == torch.bfloat16
+    assert not t.flow.fast_path and t.flow.fast_dtype is None
+    assert t.fast() is t and t.flow.fast_path
+    t.fast(False)
+    assert not t.flow.fast_path and t.flow._pack_cache is None
+    with pytest.raises(ValueError, match="floating"):
+        set_fast_path(t, dtype=torch.int8)
+    with pytest.raises(ValueError, match="no Flow"):
+        set_fast_path(torch.nn.Linear(2, 2))
+    empty = set_fast_path(Flow(4, 0, n_flows=0, hidden=8, depth=1))  # nothing to stack: the plain path
+    x = torch.randn(3, 4)
+    y, ld = empty(x)
+    assert torch.equal(y, x) and torch.equal(ld, torch.zeros(3))
+
+
+# ---- the benchmark command --------------------------------------------------------------------
+TINY_PAPER = dict(latent_dim=8, cond_shape=[12], embed_dim=6, n_flows=2, hidden=16, depth=2, embedder_depth=2)
+
+
+def test_bench_runs_end_to_end(tmp_path, monkeypatch):
+    """Every section of ``python -m eval.bench_cinn`` on CPU, with the paper size shrunk to seconds."""
+    from eval import bench_cinn as bench
+
+    monkeypatch.setitem(bench.SIZES, "paper", TINY_PAPER)
+    monkeypatch.setitem(bench.SIZES, "small", TINY_PAPER)
+    md, js = tmp_path / "bench.md", tmp_path / "bench.json"
+    res = bench.main(["--devices", "cpu", "--batches", "4,8", "--repeats", "2", "--warmup", "1",
+                      "--demo-sizes", "paper", "--parity-steps", "24", "--parity-batch", "8",
+                      "--markdown", str(md), "--json", str(js)])
+    assert {r["path"] for r in res["demo"]} == {"plain", "fast", "fast-bf16"}
+    fast_demo = next(r for r in res["demo"] if r["path"] == "fast")
+    assert fast_demo["rel_err"] < RTOL and fast_demo["ms"] > 0
+    paths = ("plain", "fast", "fast-bf16")
+    assert {(r["batch"], r["path"]) for r in res["train"]} == {(b, q) for b in (4, 8) for q in paths}
+    assert all(r["tflops"] > 0 and r["steps_per_s"] > 0 and r["cpu_ms"] > 0 for r in res["train"])
+    ops = {r["path"]: r["ops"] for r in res["train"]}
+    assert ops["fast"] < ops["plain"] / 2  # far fewer kernels per training step
+    assert {(r["batch"], r["path"]) for r in res["sample"]} == {(b, q) for b in (4, 8) for q in paths}
+    (p,) = res["parity"]
+    assert p["fast_path"] == "fast" and p["noise_path"] == "plain"
+    assert p["steps"] == 24 and p["diff_fast"] < 1e-3 and p["passed"]  # fp32 fast path: the same curve
+    assert p["final"]["plain"] < p["first"]  # it learns
+    text = md.read_text()
+    assert "Command: `python -m eval.bench_cinn" in text and "NLL parity" in text and "| cpu |" in text
+    assert json.loads(js.read_text())["env"]["torch"] == torch.__version__
+
+
+def test_bench_flop_count_matches_the_architecture(monkeypatch):
+    from eval import bench_cinn as bench
+
+    model = bench.build("small", torch.device("cpu"))
+    flops = bench.count_step_flops(model, 4, torch.device("cpu"))
+    s = bench.SIZES["small"]
+    # flow: per subnet (in -> H, depth x H -> H, H -> out), x 4 subnets per block; embedder linears
+    d, e, h = s["latent_dim"], s["embed_dim"], s["hidden"]
+    subnet = (d // 2 + e) * h + s["depth"] * h * h + h * (d - d // 2)
+    emb = sum(m.in_features * m.out_features for m in model.embedder.modules() if isinstance(m, torch.nn.Linear))
+    forward = 2 * 4 * (s["n_flows"] * 4 * subnet + emb)
+    assert forward * 2 < flops <= forward * 3  # backward adds about 2x (no input-gradient for the first layer)
+
+
+def test_bench_rejects_bad_arguments():
+    from eval import bench_cinn as bench
+
+    with pytest.raises(SystemExit, match="sections"):
+        bench.main(["--devices", "cpu", "--sections", "nope"])
+    with pytest.raises(SystemExit, match="batches"):
+        bench.main(["--devices", "cpu", "--batches", "a,b"])
+    with pytest.raises(SystemExit, match="device"):
+        bench.main(["--devices", "tpu"])
+    with pytest.raises(SystemExit, match="paths"):
+        bench.main(["--devices", "cpu", "--paths", "plain,turbo"])
+    with pytest.raises(ValueError, match="unknown path"):
+        bench.make_step(bench.build("small", torch.device("cpu")), "turbo", torch.device("cpu"), 1e-3)
