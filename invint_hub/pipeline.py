@@ -7,6 +7,7 @@ Repository layout (local folder or Hub repo)::
     backbone/                # config.json + model.safetensors (+ README.md)
     autoencoder/
     cinn/<layer>/            # one conditional INN per layer
+    concepts/                # optional: the concept INN e (listed as "concepts" in pipeline.json)
 
 ``InvariancePipeline.from_pretrained()`` with no argument loads the embedded MNIST pipeline.
 """
@@ -20,6 +21,8 @@ import torch
 from .autoencoder import Autoencoder
 from .backbones import Backbone
 from .cinn import ConditionalINN
+from . import concepts as _concepts
+from .concepts import FactorINN
 from .images import ImageLike, to_batch
 
 PRETRAINED_DIR = Path(__file__).resolve().parent / "pretrained"
@@ -65,6 +68,7 @@ class InvariancePipeline:
         autoencoder: Autoencoder,
         cinns: dict[str, ConditionalINN],
         info: dict | None = None,
+        concepts: FactorINN | None = None,
     ):
         if autoencoder.image_size != backbone.image_size or autoencoder.channels != backbone.in_channels:
             raise ValueError(
@@ -75,6 +79,9 @@ class InvariancePipeline:
             backbone._check_layer(layer)
             if t.latent_dim != autoencoder.latent_dim:
                 raise ValueError(f"cINN for {layer} expects latent {t.latent_dim}, autoencoder has {autoencoder.latent_dim}")
+        if concepts is not None and concepts.dim != autoencoder.latent_dim:
+            raise ValueError(f"concept INN expects latent {concepts.dim}, autoencoder has {autoencoder.latent_dim}")
+        self.concepts = concepts.eval() if concepts is not None else None
         self.backbone = backbone.eval()
         self.autoencoder = autoencoder.eval()
         self.cinns = {k: cinns[k].eval() for k in backbone.layers if k in cinns}  # network order
@@ -91,7 +98,8 @@ class InvariancePipeline:
         cinns = {}
         for layer, sub in info.get("cinn", {}).items():
             cinns[layer] = ConditionalINN.from_pretrained(root / sub)
-        pipe = cls(backbone, autoencoder, cinns, info)
+        concepts = FactorINN.from_pretrained(root / info["concepts"]) if info.get("concepts") else None
+        pipe = cls(backbone, autoencoder, cinns, info, concepts=concepts)
         pipe.root = root
         return pipe.to(device)
 
@@ -102,6 +110,10 @@ class InvariancePipeline:
         for layer, t in self.cinns.items():
             t.save_pretrained(directory / "cinn" / layer, dtype=dtype)
         info = dict(self.info)
+        info.pop("concepts", None)
+        if self.concepts is not None:
+            self.concepts.save_pretrained(directory / "concepts", dtype=dtype)
+            info["concepts"] = "concepts"
         info.update(
             backbone="backbone",
             autoencoder="autoencoder",
@@ -117,6 +129,8 @@ class InvariancePipeline:
         self.autoencoder.to(device)
         for t in self.cinns.values():
             t.to(device)
+        if self.concepts is not None:
+            self.concepts.to(device)
         return self
 
     # --- properties -------------------------------------------------------------------
@@ -261,8 +275,35 @@ class InvariancePipeline:
         pred_s = self.backbone(samples).argmax(1).view(x.shape[0], n)
         return (pred_s == pred[:, None]).float().mean(1)
 
+    # --- concepts (the interpretation INN e; see invint_hub.concepts) ---------------------
+    @property
+    def concept_names(self) -> list[str]:
+        """Names of the concept factors of e (residual excluded); [] without a concept model."""
+        return self.concepts.concept_names if self.concepts is not None else []
+
+    def transfer(self, target: ImageLike, source: ImageLike, concept, amount: float = 1.0) -> torch.Tensor:
+        """The target image with ``concept`` (name, index or list) taken from the source: (B, C, S, S) in [-1, 1].
+
+        D(e^-1(e(E(target)) with factor c <- e_c(target) + amount (e_c(source) - e_c(target)))); amount 1 = full
+        transfer, 0 = the target's reconstruction. Batches of equal size, or one of them a single image.
+        """
+        return _concepts.transfer(self, target, source, concept, amount)
+
+    def edit(self, image: ImageLike, concept, amount: float, direction: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
+        """Walk ``amount`` prior standard deviations along one concept (a seeded random direction inside the factor
+        unless ``direction`` is given): (B, C, S, S) in [-1, 1]."""
+        return _concepts.edit(self, image, concept, amount, direction, seed)
+
+    def concept_variance_explained(self, layer: str, images: ImageLike | None = None, n: int = 16, seed: int | None = 0) -> dict[str, float]:
+        """Share of each concept's variance (and the residual's) that z = Phi(x) at ``layer`` explains (ECCV Fig. 4).
+
+        ``images`` default: samples of the pipeline's own generative model D(e^-1(eps)); pass test images for a report.
+        """
+        return _concepts.concept_variance_explained(self, layer, images, n, seed)
+
     def __repr__(self) -> str:
         return (
             f"InvariancePipeline(backbone={self.backbone.arch}, dataset={self.info.get('dataset')}, "
-            f"image={self.channels}x{self.image_size}px, latent={self.autoencoder.latent_dim}, layers={self.layers})"
+            f"image={self.channels}x{self.image_size}px, latent={self.autoencoder.latent_dim}, layers={self.layers}"
+            + (f", concepts={self.concept_names}" if self.concepts is not None else "") + ")"
         )

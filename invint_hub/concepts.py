@@ -1,0 +1,795 @@
+"""Semantic concepts: the interpretation INN e of the paper, trained with pairs of images that share a concept.
+
+    e(z_bar) = (e_1, ..., e_K, e_res)     # K concept factors, then the residual (last, as in the IIN code;
+                                          # the paper calls it e_0)
+    z_bar    = e^-1(e_1, ..., e_K, e_res)
+
+e is an unconditional flow on autoencoder latents (``invint_hub.cinn.INN``) trained with the IIN pair loss
+(Esser, Rombach, Ommer, CVPR 2020): for a pair (x_a, x_b) that shares concept F,
+e(x_a) ~ N(0, I) and e_F(x_b) | e_F(x_a) ~ N(rho e_F(x_a), (1 - rho^2) I), all other factors of e(x_b) ~ N(0, I).
+Because (z, v) <-> z_bar is a bijection through the cINN t, e o t^-1(v | z) re-expresses a layer's
+representation and its invariances in named concepts, which gives:
+
+* ``transfer``: take one concept from a source image, everything else from the target;
+* ``edit``: walk along one concept;
+* ``concept_variance_explained``: the share of each concept's variance that the representation z of a
+  layer fixes (the ECCV paper's Fig. 4 measure);
+* ``network_response``: how much the classifier's prediction moves when one concept is resampled
+  (the IIN paper's sensitivity figure).
+
+Pairs come from ColorMNIST (digit, foreground colour, background colour, generated on the fly), from class
+labels of any labelled dataset, or from binary attributes (CelebA). The factor sizes are given in the config
+or estimated with the IIN dimensionality estimate (``estimate_factor_dims``).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from .cinn import INN
+from .flows import bits_per_dim, standard_normal_nll
+
+DEFAULT_RHO = 0.975  # IIN's Loss/rho
+RESIDUAL = "residual"
+COLORMNIST_CONCEPTS = ("digit", "fg", "bg", "color")  # "color" = both colours shared
+ConceptLike = str | int | Sequence[str | int]
+
+
+# ---------------------------------------------------------------------------------------
+# the model
+# ---------------------------------------------------------------------------------------
+class FactorINN(INN):
+    """The paper's e: an INN on autoencoder latents whose output is split into named factors.
+
+    Args:
+        dim: size of the autoencoder latent z_bar.
+        n_flows, hidden, depth: flow blocks and coupling-subnet width/depth (paper: 12, 512, 2).
+        seed: seed of the fixed permutations.
+        factor_sizes: sizes of the factors; the **last** factor is the residual. Must add up to ``dim``.
+        factor_names: one name per factor; default ``concept0, concept1, ..., residual``.
+        rho: correlation of a shared factor within a pair (IIN: 0.975), used by ``pair_nll``.
+    """
+
+    def __init__(
+        self,
+        dim: int = 64,
+        n_flows: int = 12,
+        hidden: int = 512,
+        depth: int = 2,
+        seed: int = 0,
+        factor_sizes: list[int] | None = None,
+        factor_names: list[str] | None = None,
+        rho: float = DEFAULT_RHO,
+    ):
+        if factor_sizes is None or len(factor_sizes) < 2:
+            raise ValueError(f"a FactorINN needs at least one concept factor plus the residual, got sizes {factor_sizes}")
+        if any(int(s) < 1 for s in factor_sizes):
+            raise ValueError(f"every factor needs at least one dimension, got sizes {factor_sizes}")
+        if factor_names is None:
+            factor_names = [f"concept{i}" for i in range(len(factor_sizes) - 1)] + [RESIDUAL]
+        if len(set(factor_names)) != len(factor_names):
+            raise ValueError(f"factor names must be unique, got {factor_names}")
+        if not 0.0 < rho < 1.0:
+            raise ValueError(f"rho must lie in (0, 1), got {rho}")
+        super().__init__(dim, n_flows, hidden, depth, seed, [int(s) for s in factor_sizes], list(factor_names))
+        self.rho = float(rho)
+
+    @property
+    def concept_names(self) -> list[str]:
+        """The concept factors (everything but the residual)."""
+        return self.factor_names[:-1]
+
+    @property
+    def residual_name(self) -> str:
+        return self.factor_names[-1]
+
+    def factor_index(self, concept: str | int) -> int:
+        """A factor's name (or index, residual included) -> its index, with a clear error."""
+        if isinstance(concept, bool) or not isinstance(concept, (str, int)):
+            raise ValueError(f"a concept is a name or an index, got {concept!r}")
+        if isinstance(concept, int):
+            if not 0 <= concept < len(self.factor_sizes):
+                raise ValueError(f"factor index {concept} out of range; this model has factors {self.factor_names}")
+            return concept
+        if concept not in self.factor_names:
+            raise ValueError(f"unknown concept {concept!r}; this model has factors {self.factor_names}")
+        return self.factor_names.index(concept)
+
+    def factor_slice(self, concept: str | int) -> slice:
+        k = self.factor_index(concept)
+        start = sum(self.factor_sizes[:k])
+        return slice(start, start + self.factor_sizes[k])
+
+    def factor_mask(self, concepts: ConceptLike) -> torch.Tensor:
+        """Boolean (dim,) mask of the dimensions of one or several factors."""
+        if isinstance(concepts, (str, int)):
+            concepts = [concepts]
+        if len(concepts) == 0:
+            raise ValueError("no concept given")
+        mask = torch.zeros(self.dim, dtype=torch.bool)
+        for c in concepts:
+            mask[self.factor_slice(c)] = True
+        return mask
+
+    def pair_nll(self, za: torch.Tensor, zb: torch.Tensor, factors: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        """The IIN pair loss of latents (za, zb) whose pairs share factor ``factors`` (see ``pair_loss``)."""
+        ea, lda = self(za)
+        eb, ldb = self(zb)
+        return pair_loss(ea, lda, eb, ldb, factors, self.factor_sizes, self.rho, reduction)
+
+
+# ---------------------------------------------------------------------------------------
+# the pair loss and the dimensionality estimate
+# ---------------------------------------------------------------------------------------
+def shared_factor_mask(factors: torch.Tensor, n_factors: int) -> torch.Tensor:
+    """m[b, k] = 1 where pair b shares factor k: k == F, or F < 0 and k != -F (IIN's "all but -F" label)."""
+    k = torch.arange(n_factors, device=factors.device)[None]
+    f = factors[:, None]
+    return ((f == k) | ((f < 0) & (f != -k))).float()
+
+
+def pair_loss(
+    ea: torch.Tensor,
+    logdet_a: torch.Tensor,
+    eb: torch.Tensor,
+    logdet_b: torch.Tensor,
+    factors: torch.Tensor,
+    factor_sizes: Sequence[int],
+    rho: float = DEFAULT_RHO,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """IIN's ``FactorLoss``: negative log-likelihood of a pair, constants dropped.
+
+    loss1 = 1/2 ||e(z_a)||^2 - log|det J_e(z_a)|
+    loss2 = sum_k 1/2 ||e_k(z_b) - m_k rho e_k(z_a)||^2 / (1 - m_k rho^2) - log|det J_e(z_b)|
+    with m_k = 1 if the pair shares factor k (see ``shared_factor_mask``). Returns the batch mean of
+    loss1 + loss2 (``reduction="mean"``, as the official code) or one value per pair (``"none"``).
+    The -1/2 N_F log(1 - rho^2) normaliser of the conditional is dropped, as in the official code.
+    """
+    if ea.dim() != 2 or ea.shape != eb.shape:
+        raise ValueError(f"codes must both be (B, D), got {tuple(ea.shape)} and {tuple(eb.shape)}")
+    if sum(factor_sizes) != ea.shape[1]:
+        raise ValueError(f"factor sizes {list(factor_sizes)} do not add up to the code size {ea.shape[1]}")
+    if factors.shape != (ea.shape[0],):
+        raise ValueError(f"need one factor label per pair, got shape {tuple(factors.shape)} for {ea.shape[0]} pairs")
+    n = len(factor_sizes)
+    if (factors >= n).any() or (factors <= -n).any():
+        raise ValueError(f"factor labels must lie in (-{n}, {n}), got {factors.tolist()}")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    ea, eb = ea.float(), eb.float()
+    m = shared_factor_mask(factors, n)
+    loss1 = 0.5 * ea.pow(2).sum(1) - logdet_a
+    loss2 = -logdet_b
+    for k, (a_k, b_k) in enumerate(zip(torch.split(ea, list(factor_sizes), 1), torch.split(eb, list(factor_sizes), 1))):
+        mk = m[:, k]
+        loss2 = loss2 + 0.5 * (b_k - (mk * rho)[:, None] * a_k).pow(2).sum(1) / (1 - mk * rho**2)
+    loss = loss1 + loss2
+    return loss.mean() if reduction == "mean" else loss
+
+
+def factor_scores(za: torch.Tensor, zb: torch.Tensor, factors: torch.Tensor, n_concepts: int) -> list[float]:
+    """IIN ``dim_callback`` scores: for concept f, sum_d mean_pairs[(za_d - mu_f)(zb_d - mu_f)] / total variance.
+
+    mu_f is the mean of the two halves' means over the pairs of type f; the total variance is summed over
+    dimensions and taken over all a and b of all pairs. The residual (last) gets score 1.
+    """
+    za, zb = za.double().flatten(1), zb.double().flatten(1)
+    if za.shape != zb.shape or za.shape[0] != factors.shape[0]:
+        raise ValueError(f"za {tuple(za.shape)}, zb {tuple(zb.shape)} and factors {tuple(factors.shape)} do not match")
+    zall = torch.cat([za, zb])
+    var = (zall - zall.mean(0, keepdim=True)).pow(2).mean(0).sum()
+    if var <= 0:
+        raise ValueError("the representations have zero variance; cannot estimate factor dimensions")
+    scores = []
+    for f in range(n_concepts):
+        sel = factors == f
+        if not sel.any():
+            raise ValueError(f"no pairs of factor {f}; need pairs of every concept to estimate dimensions")
+        a, b = za[sel], zb[sel]
+        mu = 0.5 * (a.mean(0, keepdim=True) + b.mean(0, keepdim=True))
+        scores.append(float(((a - mu) * (b - mu)).mean(0).sum() / var))
+    return scores + [1.0]
+
+
+def dims_from_scores(scores: Sequence[float], dim: int) -> list[int]:
+    """floor(softmax(scores) * dim) per factor; the residual (last) takes the remainder (IIN ``dim_callback``)."""
+    s = torch.tensor(list(scores), dtype=torch.float64)
+    p = torch.softmax(s, 0)
+    dims = [int(math.floor(float(v) * dim)) for v in p]
+    dims[-1] = dim - sum(dims[:-1])
+    return dims
+
+
+def estimate_factor_dims(
+    za: torch.Tensor, zb: torch.Tensor, factors: torch.Tensor, n_concepts: int, dim: int | None = None
+) -> tuple[list[int], list[float]]:
+    """The IIN dimensionality estimate: how many of ``dim`` dimensions each concept (and the residual) gets.
+
+    ``za``, ``zb``: representations of the two halves of each pair (B, D); ``factors``: the shared concept of
+    each pair in [0, n_concepts). Returns (dims with the residual last, scores). ``dim`` defaults to D.
+    """
+    scores = factor_scores(za, zb, factors, n_concepts)
+    return dims_from_scores(scores, dim or za[0].numel()), scores
+
+
+def usable_dims(dims: Sequence[int]) -> list[int]:
+    """Make every factor at least one dimension wide, taking the missing ones from the largest factor."""
+    dims = list(dims)
+    for k, d in enumerate(dims):
+        while dims[k] < 1:
+            big = max(range(len(dims)), key=lambda i: dims[i])
+            if dims[big] <= 1:
+                raise ValueError(f"cannot give {len(dims)} factors one dimension each out of {sum(dims)}")
+            dims[big] -= 1
+            dims[k] += 1
+    return dims
+
+
+# ---------------------------------------------------------------------------------------
+# pair datasets
+# ---------------------------------------------------------------------------------------
+class PairDataset(Dataset):
+    """Pairs of images that share one concept.
+
+    ``get_batch(idx)`` returns ``(pairs, factors)``: pairs (B, 2, C, S, S) in [-1, 1] (the first image of
+    pair b is item ``idx[b]``), factors (B,) the index of the shared concept in ``concept_names``.
+    The random choices are a pure function of ``idx`` and ``seed``, so training resumes exactly and a
+    test set of pairs is fixed.
+    """
+
+    concept_names: list[str]
+    seed: int
+
+    def _generator(self, idx: torch.Tensor) -> torch.Generator:
+        weights = torch.arange(1, len(idx) + 1, dtype=torch.long)
+        key = int((idx.long().cpu() * weights).sum()) * 1_000_003 + len(idx) * 7919 + self.seed * 104_729
+        return torch.Generator().manual_seed(key % (2**62))
+
+    def __getitem__(self, i: int):
+        pairs, factors = self.get_batch(torch.tensor([i]))
+        return pairs[0], factors[0]
+
+    def get_batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+def _same_value_sampler(values: torch.Tensor):
+    """values (N,) ints -> f(v (B,), u (B,) in [0, 1)) giving a random index with the same value."""
+    order = torch.argsort(values, stable=True)
+    uniq, counts = torch.unique(values, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    lookup = {int(v): (int(s), int(c)) for v, s, c in zip(uniq, starts, counts)}
+
+    def sample(v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        s = torch.tensor([lookup[int(x)][0] for x in v], dtype=torch.long)
+        c = torch.tensor([lookup[int(x)][1] for x in v], dtype=torch.long)
+        return order[s + (u * c).long().clamp_max(c - 1)]
+
+    return sample
+
+
+class ColorMNISTPairs(PairDataset):
+    """ColorMNIST pairs generated on the fly: image = bg * (1 - m) + fg * m with fresh U(0, 1)^3 colours.
+
+    Concepts (any subset, in the given order):
+        ``digit``: same class, other image, new colours for both (IIN's factor 0);
+        ``fg``: same foreground colour, random other image, new background;
+        ``bg``: same background colour, random other image, new foreground;
+        ``color``: same foreground and background colour, random other image (IIN's one "colour" factor).
+    The shared concept of each pair is drawn uniformly, as in the IIN code.
+    """
+
+    def __init__(self, masks: torch.Tensor, labels: torch.Tensor, concepts: Sequence[str] = ("digit", "fg", "bg"), seed: int = 0):
+        bad = [c for c in concepts if c not in COLORMNIST_CONCEPTS]
+        if bad or not concepts:
+            raise ValueError(f"ColorMNIST concepts must be a non-empty subset of {COLORMNIST_CONCEPTS}, got {list(concepts)}")
+        if masks.dim() != 4 or masks.shape[1] != 1 or masks.dtype != torch.uint8:
+            raise ValueError(f"masks must be uint8 (N, 1, S, S), got {masks.dtype} {tuple(masks.shape)}")
+        self.masks, self.labels = masks, labels.long()
+        self.concept_names = list(concepts)
+        self.seed = seed
+        self._same_class = _same_value_sampler(self.labels)
+
+    @classmethod
+    def from_dataset(cls, ds, concepts: Sequence[str] = ("digit", "fg", "bg"), seed: int = 0) -> "ColorMNISTPairs":
+        """From an ``invint_hub.data.ColorMNIST``."""
+        return cls(ds.masks, ds.labels, concepts, seed)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _paint(self, j: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
+        m = self.masks[j].float() / 255.0
+        return (bg.view(-1, 3, 1, 1) * (1 - m) + fg.view(-1, 3, 1, 1) * m) * 2 - 1
+
+    def sample(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The pairs with their ground truth: images, factors, partner index, digits and colours of both halves."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        g = self._generator(idx)
+        b = len(idx)
+        factors = torch.randint(len(self.concept_names), (b,), generator=g)
+        fg_a, bg_a, fg_b, bg_b = torch.rand(4, b, 3, generator=g)
+        j_any = torch.randint(len(self.labels), (b,), generator=g)
+        j_same = self._same_class(self.labels[idx], torch.rand(b, generator=g))
+        kind = [self.concept_names[int(f)] for f in factors]
+        same_digit = torch.tensor([k == "digit" for k in kind])
+        same_fg = torch.tensor([k in ("fg", "color") for k in kind])
+        same_bg = torch.tensor([k in ("bg", "color") for k in kind])
+        j = torch.where(same_digit, j_same, j_any)
+        fg_b = torch.where(same_fg[:, None], fg_a, fg_b)
+        bg_b = torch.where(same_bg[:, None], bg_a, bg_b)
+        xa, xb = self._paint(idx, fg_a, bg_a), self._paint(j, fg_b, bg_b)
+        return dict(pairs=torch.stack([xa, xb], 1), factors=factors, j=j, digit_a=self.labels[idx], digit_b=self.labels[j],
+                    fg_a=fg_a, bg_a=bg_a, fg_b=fg_b, bg_b=bg_b)
+
+    def get_batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.sample(idx)
+        return s["pairs"], s["factors"]
+
+
+class LabelPairs(PairDataset):
+    """Pairs from class labels of any labelled image dataset: both images have the same class (concept ``class``)."""
+
+    def __init__(self, dataset, seed: int = 0, concept: str = "class"):
+        labels = getattr(dataset, "labels", None)
+        if labels is None:
+            raise ValueError("LabelPairs needs a dataset with a .labels tensor")
+        self.dataset, self.labels = dataset, torch.as_tensor(labels).long()
+        self.concept_names = [concept]
+        self.seed = seed
+        self._same_class = _same_value_sampler(self.labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _images(self, idx: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.dataset, "get_batch"):
+            return self.dataset.get_batch(idx)[0]
+        return torch.stack([self.dataset[int(i)][0] for i in idx])
+
+    def get_batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        g = self._generator(idx)
+        j = self._same_class(self.labels[idx], torch.rand(len(idx), generator=g))
+        return torch.stack([self._images(idx), self._images(j)], 1), torch.zeros(len(idx), dtype=torch.long)
+
+
+class AttributePairs(PairDataset):
+    """Pairs that share the value of one binary attribute (IIN's ``BaseFactorCelebA``).
+
+    Args:
+        images: uint8 (N, C, S, S) images.
+        attributes: (N, K) attribute values (any two values per column, e.g. -1/1, 0/1, False/True).
+        concept_names: one name per attribute column.
+    """
+
+    def __init__(self, images: torch.Tensor, attributes: torch.Tensor, concept_names: Sequence[str], seed: int = 0):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be uint8 (N, C, S, S), got {images.dtype} {tuple(images.shape)}")
+        attributes = torch.as_tensor(attributes).long()
+        if attributes.shape != (images.shape[0], len(concept_names)):
+            raise ValueError(f"attributes {tuple(attributes.shape)} do not match {images.shape[0]} images x {len(concept_names)} concepts")
+        self.images, self.attributes = images, attributes
+        self.concept_names = list(concept_names)
+        self.seed = seed
+        self._same = [_same_value_sampler(attributes[:, k]) for k in range(attributes.shape[1])]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def get_batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        g = self._generator(idx)
+        factors = torch.randint(len(self.concept_names), (len(idx),), generator=g)
+        u = torch.rand(len(idx), generator=g)
+        j = torch.empty_like(idx)
+        for k in range(len(self.concept_names)):
+            sel = factors == k
+            if sel.any():
+                j[sel] = self._same[k](self.attributes[idx[sel], k], u[sel])
+        x = torch.stack([self.images[idx], self.images[j]], 1).float() / 127.5 - 1.0
+        return x, factors
+
+
+def load_attribute_images(
+    name: str, split: str, image_size: int, channels: int, columns: Sequence[str],
+    data_dir=None, limit: int | None = None, seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A local parquet folder or Hub dataset with an ``image`` column and one column per attribute
+    -> (uint8 images (N, C, S, S), attributes (N, K) with values 0/1)."""
+    from .data import load_split
+    from .images import arrays_to_batch, pil_to_array
+
+    ds = load_split(name, split, data_dir)
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"dataset {name!r} has no attribute columns {missing}; it has {ds.column_names}")
+    if limit is not None and limit < len(ds):
+        ds = ds.shuffle(seed=seed).select(range(limit))
+    images = arrays_to_batch([pil_to_array(im, channels) for im in ds["image"]], image_size)
+    images = ((images + 1) * 127.5).round().to(torch.uint8)
+    attrs = []
+    for c in columns:
+        v = torch.tensor([float(a) for a in ds[c]])
+        uniq = torch.unique(v)
+        if len(uniq) > 2:
+            raise ValueError(f"attribute column {c!r} is not binary: values {uniq.tolist()[:10]}")
+        attrs.append((v == uniq.max()).long())
+    return images, torch.stack(attrs, 1)
+
+
+# ---------------------------------------------------------------------------------------
+# concept operations on a pipeline
+# ---------------------------------------------------------------------------------------
+def _model(pipe) -> FactorINN:
+    if getattr(pipe, "concepts", None) is None:
+        raise ValueError("this pipeline has no concept model; train one with `python -m invint_hub.train concepts ...`")
+    return pipe.concepts
+
+
+def _pair_up(xa: torch.Tensor, xb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if xa.shape[0] == xb.shape[0]:
+        return xa, xb
+    if xa.shape[0] == 1:
+        return xa.expand(xb.shape[0], *xa.shape[1:]), xb
+    if xb.shape[0] == 1:
+        return xa, xb.expand(xa.shape[0], *xb.shape[1:])
+    raise ValueError(f"cannot pair batches of {xa.shape[0]} and {xb.shape[0]} images (give equal sizes or one image)")
+
+
+@torch.no_grad()
+def encode_concepts(pipe, images) -> dict[str, torch.Tensor]:
+    """Images -> {factor name: (B, size) code} of e(E(x)) (posterior mean)."""
+    e = _model(pipe)
+    codes = e(pipe.encode(images))[0]
+    return dict(zip(e.factor_names, e.split(codes)))
+
+
+@torch.no_grad()
+def transfer_latents(pipe, target, source, concept: ConceptLike, amount: float = 1.0) -> torch.Tensor:
+    """z_bar of the target with concept(s) taken from the source: e^-1(e(t) with e_c <- e_c(t) + amount (e_c(s) - e_c(t)))."""
+    e = _model(pipe)
+    mask = e.factor_mask(concept).to(pipe.device)
+    zt, zs = _pair_up(pipe.encode(target), pipe.encode(source))
+    ct, cs = e(zt)[0], e(zs)[0]
+    code = torch.where(mask[None], ct + float(amount) * (cs - ct), ct)
+    return e.inverse(code)
+
+
+@torch.no_grad()
+def transfer(pipe, target, source, concept: ConceptLike, amount: float = 1.0) -> torch.Tensor:
+    """D(e^-1(...)): the target image with ``concept`` (a name, index or list) from the source image.
+
+    ``amount`` interpolates (0 = the target's reconstruction, 1 = full transfer). Batches must have the same
+    size, or one of them one image. Returns (B, C, S, S) in [-1, 1].
+    """
+    return pipe.decode(transfer_latents(pipe, target, source, concept, amount))
+
+
+def concept_direction(e: FactorINN, concept: str | int, seed: int = 0) -> torch.Tensor:
+    """A unit direction inside one factor (zero elsewhere), drawn from N(0, I) with ``seed``: (dim,)."""
+    sl = e.factor_slice(concept)
+    d = torch.zeros(e.dim)
+    v = torch.randn(sl.stop - sl.start, generator=torch.Generator().manual_seed(int(seed)))
+    d[sl] = v / v.norm().clamp_min(1e-12)
+    return d
+
+
+@torch.no_grad()
+def edit(pipe, images, concept: str | int, amount: float, direction: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
+    """Walk ``amount`` (in units of the factor's prior std) along one concept: D(e^-1(e(E(x)) + amount d)).
+
+    ``direction``: a vector of the factor's size (normalised here); default a seeded random unit direction
+    inside the factor (``concept_direction``), so a slider with a fixed seed is reproducible.
+    """
+    e = _model(pipe)
+    if not math.isfinite(float(amount)):
+        raise ValueError(f"amount must be a finite number, got {amount}")
+    sl = e.factor_slice(concept)
+    if direction is None:
+        d = concept_direction(e, concept, seed)
+    else:
+        direction = torch.as_tensor(direction, dtype=torch.float32).flatten()
+        if direction.numel() != sl.stop - sl.start:
+            raise ValueError(f"direction has {direction.numel()} entries; factor {concept!r} has {sl.stop - sl.start}")
+        if direction.norm() == 0:
+            raise ValueError("direction must not be zero")
+        d = torch.zeros(e.dim)
+        d[sl] = direction / direction.norm()
+    code = e(pipe.encode(images))[0]
+    return pipe.decode(e.inverse(code + float(amount) * d.to(code)))
+
+
+@torch.no_grad()
+def sample_images(pipe, n: int, temperature: float = 1.0, seed: int | None = 0) -> torch.Tensor:
+    """n images D(e^-1(eps)), eps ~ N(0, temperature^2 I): the autoencoder + e as a generative model."""
+    e = _model(pipe)
+    g = None if seed is None else torch.Generator().manual_seed(int(seed))
+    return pipe.decode(e.sample(n, temperature, g))
+
+
+@torch.no_grad()
+def concept_variance_explained(
+    pipe, layer: str, images=None, n: int = 16, seed: int | None = 0, n_images: int = 256, batch_size: int = 128
+) -> dict[str, float]:
+    """Share of each factor's variance that the representation z = Phi(x) at ``layer`` explains (ECCV Fig. 4).
+
+    For each image j draw z_bar_jm = t^-1(v_m | z_j), m = 1..n, and code it with e. Per factor k:
+    1 - E_j[sum_d Var_m e_k,d] / sum_d Var_{j,m} e_k,d. Near 1: z fixes the concept; near 0: the layer is
+    invariant to it. ``images`` default: ``n_images`` samples D(e^-1(eps)) of the pipeline's own generative
+    model (pass real test images for a report).
+    """
+    e = _model(pipe)
+    t = pipe._cinn(layer)
+    if n < 2:
+        raise ValueError(f"need n >= 2 samples per image to estimate a variance, got {n}")
+    x = pipe.preprocess(images) if images is not None else sample_images(pipe, n_images, seed=seed)
+    if x.shape[0] < 2:
+        raise ValueError("need at least 2 images to estimate the variance over the data")
+    g = None if seed is None else torch.Generator().manual_seed(int(seed) + 1)
+    codes = []
+    for i in range(0, x.shape[0], batch_size):
+        xb = x[i : i + batch_size]
+        z = pipe.backbone.representation(xb, layer)
+        zbar = t.sample(z, n, generator=g)
+        codes.append(e(zbar)[0].view(xb.shape[0], n, -1))
+    c = torch.cat(codes).double()
+    out = {}
+    for name, ck in zip(e.factor_names, torch.split(c, e.factor_sizes, dim=2)):
+        within = ck.var(dim=1, unbiased=True).sum(-1).mean()
+        total = ck.flatten(0, 1).var(dim=0, unbiased=True).sum()
+        out[name] = float(1.0 - within / total)
+    return out
+
+
+@torch.no_grad()
+def network_response(pipe, images, concept: str | int, n: int = 64, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Resample one factor of e(E(x)) from N(0, I), decode, classify (IIN's network-response analysis).
+
+    Returns per image: ``std`` of the predicted class index over the n samples (the IIN figure's sigma),
+    ``changed`` the share of samples whose prediction differs from that of the reconstruction D(E(x)),
+    and ``predictions`` (B, n).
+    """
+    e = _model(pipe)
+    if n < 2:
+        raise ValueError(f"need n >= 2 samples, got {n}")
+    x = pipe.preprocess(images)
+    code = e(pipe.encode(x))[0]
+    base = pipe.backbone(pipe.decode(e.inverse(code))).argmax(1)
+    mask = e.factor_mask(concept).to(code.device)
+    g = torch.Generator().manual_seed(int(seed))
+    codes = code.repeat_interleave(n, 0)
+    noise = torch.randn(codes.shape, generator=g).to(codes)
+    codes = torch.where(mask[None], noise, codes)
+    preds = torch.cat([pipe.backbone(pipe.decode(e.inverse(c))).argmax(1) for c in codes.split(512)]).view(x.shape[0], n)
+    return {"std": preds.float().std(1, unbiased=False), "changed": (preds != base[:, None]).float().mean(1), "predictions": preds}
+
+
+# ---------------------------------------------------------------------------------------
+# training stage (python -m invint_hub.train concepts)
+# ---------------------------------------------------------------------------------------
+DEFAULT_CONCEPT_MODEL = dict(n_flows=12, hidden=512, depth=2)
+
+
+def concept_settings(cfg: dict) -> dict:
+    """The ``concepts:`` section with defaults filled in: pairs, factors, factor_sizes, rho, estimate_pairs."""
+    c = dict(cfg.get("concepts", {}) or {})
+    data_name = cfg["data"]["name"]
+    c.setdefault("pairs", "colormnist" if data_name == "colormnist" else "labels")
+    if c["pairs"] == "colormnist":
+        c.setdefault("factors", ["digit", "fg", "bg"])
+    elif c["pairs"] == "labels":
+        c.setdefault("factors", ["class"])
+    elif c["pairs"] == "attributes":
+        attrs = c.get("attributes")
+        if not isinstance(attrs, dict) or not attrs:
+            raise ValueError("concepts.pairs: attributes needs concepts.attributes: {concept name: attribute column}")
+        c.setdefault("factors", list(attrs))
+        unknown = [f for f in c["factors"] if f not in attrs]
+        if unknown:
+            raise ValueError(f"concepts.factors {unknown} have no column in concepts.attributes")
+    else:
+        raise ValueError(f"concepts.pairs must be colormnist, labels or attributes, got {c['pairs']!r}")
+    if c["pairs"] == "labels" and len(c["factors"]) != 1:
+        raise ValueError(f"label pairs have one concept, got factors {c['factors']}")
+    if RESIDUAL in c["factors"]:
+        raise ValueError(f"{RESIDUAL!r} is added automatically as the last factor; do not list it in concepts.factors")
+    c.setdefault("factor_sizes", "estimate")
+    c.setdefault("rho", DEFAULT_RHO)
+    c.setdefault("estimate_pairs", 5000)
+    return c
+
+
+def make_pair_dataset(cfg: dict, split_key: str, args, limit: int | None, seed: int) -> PairDataset:
+    from .data import ColorMNIST
+    from .train import make_dataset
+
+    c = concept_settings(cfg)
+    data = cfg["data"]
+    if c["pairs"] == "colormnist":
+        ds = make_dataset(cfg, split_key, args, limit)
+        if not isinstance(ds, ColorMNIST):
+            raise ValueError(f"concepts.pairs: colormnist needs data.name: colormnist, got {data['name']!r}")
+        return ColorMNISTPairs.from_dataset(ds, c["factors"], seed)
+    if c["pairs"] == "labels":
+        return LabelPairs(make_dataset(cfg, split_key, args, limit), seed, c["factors"][0])
+    split = data.get(split_key, "train" if split_key == "train_split" else "test")
+    columns = [c["attributes"][f] for f in c["factors"]]
+    images, attrs = load_attribute_images(data["name"], split, data["image_size"], data["channels"], columns,
+                                          args.data_dir, limit, int(data.get("seed", 0)))
+    return AttributePairs(images, attrs, c["factors"], seed)
+
+
+@torch.no_grad()
+def latents_of_pairs(ae, pairs: PairDataset, n: int, device, batch_size: int = 250, mode: bool = True):
+    """(za, zb, factors) of the first n pairs (posterior means by default, as IIN's dimension estimate)."""
+    za, zb, fs = [], [], []
+    for i in range(0, min(n, len(pairs)), batch_size):
+        x, f = pairs.get_batch(torch.arange(i, min(i + batch_size, n, len(pairs))))
+        x = x.to(device)
+        for half, out in ((0, za), (1, zb)):
+            post = ae.encode(x[:, half])
+            out.append((post.mode() if mode else post.sample()).float().cpu())
+        fs.append(f)
+    return torch.cat(za), torch.cat(zb), torch.cat(fs)
+
+
+def train_concepts(acc, cfg: dict, args, out: Path):
+    """Train e on frozen autoencoder latents (posterior samples) of the pipeline folder ``out``."""
+    from .autoencoder import Autoencoder
+    from .hub import write_model_card
+    from .pipeline import PIPELINE_FILE, InvariancePipeline
+    from .train import (batch_indices, command_history, eval_loop, frozen, get_batch, make_optimizer, run_training,
+                        save_component, train_settings, update_pipeline_json)
+
+    c = concept_settings(cfg)
+    t = train_settings(cfg, "concepts", args)
+    data = cfg["data"]
+    ae = frozen(Autoencoder.from_pretrained(out / "autoencoder")).to(acc.device)
+    train_ds = make_pair_dataset(cfg, "train_split", args, args.limit_train, seed=args.seed)
+    test_ds = make_pair_dataset(cfg, "test_split", args, args.limit_test, seed=args.seed + 1)
+    names = list(c["factors"]) + [RESIDUAL]
+    n_concepts = len(c["factors"])
+
+    # factor sizes: from the config, or IIN's dimensionality estimate on autoencoder latents of training pairs
+    estimate = None
+    if c["factor_sizes"] == "estimate":
+        za, zb, fs = latents_of_pairs(ae, train_ds, int(c["estimate_pairs"]), acc.device)
+        dims, scores = estimate_factor_dims(za, zb, fs, n_concepts, ae.latent_dim)
+        sizes = usable_dims(dims)
+        estimate = {"scores": dict(zip(names, scores)), "dims": dict(zip(names, dims)), "pairs": int(za.shape[0])}
+        acc.print(f"[concepts] estimated factor sizes {dict(zip(names, sizes))} (scores {[round(s, 4) for s in scores]})")
+    else:
+        sizes = [int(s) for s in c["factor_sizes"]]
+        if len(sizes) != len(names) or sum(sizes) != ae.latent_dim:
+            raise ValueError(f"concepts.factor_sizes {sizes} must have {len(names)} entries ({names}, residual last) "
+                             f"adding up to the latent size {ae.latent_dim}")
+
+    kwargs = dict(DEFAULT_CONCEPT_MODEL)
+    kwargs.update(c.get("model", {}) or {})
+    kwargs.update(dim=ae.latent_dim, factor_sizes=sizes, factor_names=names, rho=float(c["rho"]))
+    torch.manual_seed(args.seed)
+    model = FactorINN(**kwargs)
+    dim = ae.latent_dim
+
+    def latents(x, gen=None):
+        with torch.no_grad(), acc.autocast():
+            z = ae.encode(x.flatten(0, 1)).sample(gen)  # posterior samples, as IIN trains its flows
+        return z.float().view(x.shape[0], 2, -1)
+
+    # data-dependent ActNorm initialisation on one global batch before wrapping (same on every rank)
+    init_idx = batch_indices(len(train_ds), 0, t["batch_size"], args.seed + 1, 0, 1)
+    x0, _ = get_batch(train_ds, init_idx)
+    z0 = latents(x0.to(acc.device), torch.Generator(device=acc.device).manual_seed(args.seed))
+    model.to(acc.device).train()
+    with torch.no_grad():
+        model(z0.flatten(0, 1))
+    opt = make_optimizer(model.parameters(), t)
+    model, opt = acc.prepare(model, opt)
+
+    def step_fn(x, y, step):
+        model.train()
+        z = latents(x)
+        b = z.shape[0]
+        with acc.autocast():
+            codes, logdet = model(z.flatten(0, 1))
+        codes, logdet = codes.float().view(b, 2, -1), logdet.view(b, 2)
+        loss = pair_loss(codes[:, 0], logdet[:, 0], codes[:, 1], logdet[:, 1], y, sizes, float(c["rho"]))
+        acc.backward(loss)
+        if t["clip_grad"]:
+            acc.clip_grad_norm_(model.parameters(), t["clip_grad"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return {"loss": loss.detach()}
+
+    corr: dict[str, dict[str, float]] = {}
+
+    def eval_fn():
+        model.eval()
+        g = torch.Generator(device=acc.device).manual_seed(12345)
+
+        def fn(x, y):
+            z = latents(x, g)
+            b = z.shape[0]
+            codes, logdet = model(z.flatten(0, 1))
+            codes, logdet = codes.float().view(b, 2, -1), logdet.view(b, 2)
+            ea, eb = codes[:, 0], codes[:, 1]
+            res = {"pair_loss": pair_loss(ea, logdet[:, 0], eb, logdet[:, 1], y, sizes, float(c["rho"]), "none"),
+                   "bpd": bits_per_dim(standard_normal_nll(ea, logdet[:, 0]), dim)}
+            prods = [(a * b_).mean(1) for a, b_ in zip(torch.split(ea, sizes, 1), torch.split(eb, sizes, 1))]
+            for k in range(n_concepts):  # mean_d e_j,d(a) e_j,d(b) over pairs that share concept k
+                mk = (y == k).float()
+                res[f"n_{k}"] = mk
+                for j in range(len(names)):
+                    res[f"p_{k}_{j}"] = mk * prods[j]
+            return res
+
+        ev = eval_loop(acc, test_ds, t["eval_samples"], 256, fn)
+        corr.clear()
+        for k in range(n_concepts):
+            nk = ev.pop(f"n_{k}")
+            corr[names[k]] = {names[j]: ev.pop(f"p_{k}_{j}") / max(nk, 1e-12) for j in range(len(names))}
+        ev["shared_corr"] = sum(corr[n][n] for n in c["factors"]) / n_concepts
+        others = [abs(corr[a][b]) for a in c["factors"] for b in names if b != a]
+        ev["unshared_corr"] = sum(others) / len(others)
+        return ev
+
+    ev = run_training(acc, "concepts", model, [opt], step_fn, eval_fn, train_ds, t, args, out)
+    if ev is None:
+        return None
+    save_component(acc, model, out / "concepts", args)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        m = acc.unwrap_model(model).eval()
+        update_pipeline_json(out, cfg, concepts="concepts")
+        metrics = dict(ev, pair_correlation=corr, factor_sizes=dict(zip(names, sizes)))
+        if estimate:
+            metrics["dimensionality_estimate"] = estimate
+        info = json.loads((out / PIPELINE_FILE).read_text())
+        if info.get("cinn") and (out / info.get("backbone", "backbone")).is_dir():
+            # Fig. 4 measure per layer, on (a part of) the test split
+            pipe = InvariancePipeline.from_pretrained(out).to(acc.device)
+            pipe.concepts = m
+            n_eval = min(t["eval_samples"], len(test_ds), 512)
+            x = test_ds.get_batch(torch.arange(n_eval))[0][:, 0]  # first halves = test items 0..n_eval-1
+            metrics["concept_variance_explained"] = {
+                layer: concept_variance_explained(pipe, layer, x.to(acc.device), n=16, seed=0) for layer in pipe.layers
+            }
+        (out / "concepts" / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        card_metrics = {f"test pair loss (nats per pair, first {min(t['eval_samples'], len(test_ds))} test pairs)": ev["pair_loss"],
+                        "test NLL of single images (bits/dim)": ev["bpd"],
+                        f"mean_d e_k(a) e_k(b) over pairs sharing k (ideal rho = {c['rho']})": ev["shared_corr"],
+                        "mean abs(mean_d e_j(a) e_j(b)) for the other factors (ideal 0)": ev["unshared_corr"]}
+        for k, row in corr.items():
+            card_metrics[f"pairs sharing {k}: mean_d e_j(a) e_j(b) per factor j"] = ", ".join(f"{j} {v:.3f}" for j, v in row.items())
+        for layer, v in metrics.get("concept_variance_explained", {}).items():
+            card_metrics[f"variance explained by z at {layer}"] = ", ".join(f"{k} {100 * x:.1f}%" for k, x in v.items())
+        write_model_card(
+            out / "concepts", f"Concept INN e on {data['name']}: {', '.join(c['factors'])} + residual",
+            "The interpretation INN e of the paper: it maps the autoencoder latent z_bar to named semantic factors "
+            "(concepts) and a residual, trained with pairs of images that share one concept (IIN pair loss).",
+            {"factors (residual last)": ", ".join(f"{n}: {s}" for n, s in zip(names, sizes)),
+             "factor sizes from": "IIN dimensionality estimate" if estimate else "config",
+             "pairs": c["pairs"], "rho": c["rho"], "latent dim": dim, "flows": kwargs.get("n_flows"),
+             "subnet width": kwargs.get("hidden"), "subnet depth": kwargs.get("depth"),
+             "parameters": sum(p.numel() for p in m.parameters()), "steps": t["steps"], "batch size (pairs)": t["batch_size"],
+             "lr": t["lr"]},
+            metrics=card_metrics, command=command_history(out, "concepts", args), datasets=[data["name"]],
+        )
+    acc.free_memory()
+    acc._custom_objects.clear()
+    return ev
+
+
+__all__ = [
+    "FactorINN", "pair_loss", "shared_factor_mask", "factor_scores", "dims_from_scores", "estimate_factor_dims",
+    "usable_dims", "PairDataset", "ColorMNISTPairs", "LabelPairs", "AttributePairs", "load_attribute_images",
+    "encode_concepts", "transfer", "transfer_latents", "edit", "concept_direction", "sample_images",
+    "concept_variance_explained", "network_response", "train_concepts", "concept_settings",
+]
