@@ -1,0 +1,541 @@
+"""Gradio Space: see, layer by layer, what a classifier keeps and what it is invariant to.
+
+    python app.py                              # the embedded default pipeline, offline
+    python app.py --model org/repo --model ./my_pipeline
+    INVINT_MODELS="org/repo,./my_pipeline" python app.py
+
+Rombach, Esser, Ommer: Making Sense of CNNs: Interpreting Deep Representations & Their
+Invariances with INNs (ECCV 2020). The UI lives here; the computations are in
+``invint_hub.space`` so the handlers below can be tested without a server.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import random
+import sys
+import time
+from typing import Any, Callable
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline by default: no telemetry calls
+
+import gradio as gr  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from invint_hub import space  # noqa: E402
+
+log = logging.getLogger("invint_hub.app")
+
+TITLE = "Making Sense of CNNs: what each layer keeps, and what it is invariant to"
+INTRO = """
+A classifier's layer turns an image x into a representation z = Φ(x). An autoencoder (E, D) and a
+conditional INN t split the autoencoder's code into **z** and the **invariances v** of the layer:
+every v ~ N(0, I) decodes, through D(t⁻¹(v | z)), to an image the layer cannot tell apart from x.
+**What stays the same across samples is what the layer encodes; what varies is what it ignores.**
+([paper](https://arxiv.org/abs/2008.01777): Rombach, Esser, Ommer, ECCV 2020)
+"""
+CSS = """
+.pixelated img { image-rendering: pixelated; }
+.input-image img { image-rendering: pixelated; width: 100% !important; height: 100% !important; object-fit: contain; }
+#samples .grid-container { grid-template-columns: repeat(8, minmax(0, 1fr)) !important; }
+#samples .grid-wrap { height: auto !important; min-height: 0 !important; max-height: 460px; }
+#samples { height: auto !important; }
+#mix-examples td { padding: 2px 8px !important; }
+#mix-examples .container, #mix-examples img { width: 40px !important; height: 40px !important; }
+#summary p { margin: 0.2em 0; }
+footer { display: none !important; }
+"""
+COMPUTE = dict(concurrency_id="models")  # every model computation goes through one queue group
+EXAMPLE_PAIRS = [(0, 1), (2, 3), (4, 7), (5, 6), (8, 9), (1, 7)]
+
+
+def safe_preprocess(payload: Any):
+    """Read an uploaded image with invint_hub's checks; bad files become one-line ``gr.Error`` messages.
+
+    Non-images, truncated files, decompression bombs (e.g. a 20000x20000 header) and odd
+    modes are handled by ``invint_hub.space.load_image``; the value is a decoded PIL image.
+    """
+    if payload is None:
+        return None
+    try:
+        return space.load_image(payload)
+    except ValueError as e:
+        raise gr.Error(space.one_line(e), print_exception=False) from None
+    except Exception as e:  # anything PIL throws at a hostile file
+        raise gr.Error(f"could not read the image ({e.__class__.__name__})", print_exception=False) from None
+
+
+def SafeImage(**kwargs) -> gr.Image:
+    """A ``gr.Image`` input (PIL value) whose uploads are read by ``safe_preprocess``.
+
+    (An instance attribute rather than a subclass: Gradio writes a ``.pyi`` stub next to any
+    module that subclasses a component.)
+    """
+    comp = gr.Image(type="pil", **kwargs)
+    comp.preprocess = safe_preprocess  # type: ignore[method-assign]
+    return comp
+
+
+def patient_url_ok(url: str, timeout: float = 60.0) -> bool:
+    """Gradio's start-up check that the local server answers, with patience for a busy CPU.
+
+    Gradio gives up after one 3 s timeout and then refuses to start ("When localhost is not
+    accessible..."), which happens on a loaded 2-core machine; this waits up to ``timeout`` s.
+    """
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.head(url, timeout=10, verify=False).status_code in (200, 401, 301, 302, 303, 307, 308):
+                return True
+        except (httpx.ConnectError, httpx.TimeoutException):
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+
+
+def ui_errors(fn: Callable) -> Callable:
+    """Turn library errors into a one-line message in the UI (no stack trace); the server stays up."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except (ValueError, FileNotFoundError, TypeError) as e:
+            raise gr.Error(space.one_line(e), print_exception=False) from None
+        except Exception as e:  # a bug: log it, show one line
+            log.exception("handler %s failed", fn.__name__)
+            raise gr.Error(f"internal error ({e.__class__.__name__}): {space.one_line(e)}", print_exception=False) from None
+
+    return wrapper
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.0f}%"
+
+
+class SpaceApp:
+    """The Space's handlers (plain functions of plain values, so tests can call them directly)."""
+
+    def __init__(self, registry: space.ModelRegistry, top_k: int = 5):
+        self.registry = registry
+        self.top_k = top_k
+
+    # --- models ---------------------------------------------------------------------
+    def model_info(self, name: str | None) -> str:
+        e = self.registry.get(name)
+        p = e.pipe
+        assert p is not None
+        names = p.class_names
+        classes = ", ".join(names[:10]) + (f", … ({len(names)} classes)" if len(names) > 10 else "")
+        return (
+            f"**{e.label}** · data `{p.info.get('dataset', '?')}` · images {p.channels}×{p.image_size}×{p.image_size} · "
+            f"classifier `{p.backbone.arch}` · layers {' → '.join(f'`{l}`' for l in p.layers)} · classes: {classes}"
+        )
+
+    def default_layer(self, name: str | None) -> str:
+        layers = self.registry.get(name).pipe.layers  # type: ignore[union-attr]
+        return layers[len(layers) // 2]
+
+    def examples(self, name: str | None) -> tuple[list[list[str]], list[str]]:
+        e = self.registry.get(name)
+        return [[str(p)] for p in e.examples], list(e.example_labels)
+
+    def example_pairs(self, name: str | None) -> tuple[list[list[str]], list[str]]:
+        e = self.registry.get(name)
+        n = len(e.examples)
+        pairs = [(i, j) for i, j in EXAMPLE_PAIRS if i < n and j < n] or ([(0, 0)] if n else [])
+        return ([[str(e.examples[i]), str(e.examples[j])] for i, j in pairs],
+                [f"{e.example_labels[i].split(' (')[0]} × {e.example_labels[j].split(' (')[0]}" for i, j in pairs])
+
+    def example_image(self, name: str | None, index: int | None, pair_slot: int | None = None):
+        """The example at ``index`` (a path), or of a pair when ``pair_slot`` is 0 or 1."""
+        if index is None:
+            raise ValueError("no example selected")
+        samples = self.example_pairs(name)[0] if pair_slot is not None else self.examples(name)[0]
+        if not 0 <= int(index) < len(samples):
+            raise ValueError(f"no example number {index}")
+        return samples[int(index)][pair_slot or 0]
+
+    # --- input --------------------------------------------------------------------------
+    def _input(self, entry: space.ModelEntry, source: str, image: Any, sketch: Any, convert: bool):
+        pipe = entry.pipe
+        assert pipe is not None
+        if source == "draw":
+            img = space.sketch_to_image(sketch, entry.domain, pipe.channels)
+            return pipe.preprocess(img), f"drawing → centred {entry.domain} → {pipe.channels}x{pipe.image_size}px"
+        return space.prepare_input(pipe, image, convert=convert, domain=entry.domain)
+
+    def _label(self, pipe, probs: torch.Tensor) -> dict[str, float]:
+        k = min(self.top_k, probs.numel())
+        top = probs.topk(k)
+        return {space.class_name(pipe, int(c)): float(p) for p, c in zip(top.values, top.indices)}
+
+    # --- Interpret ---------------------------------------------------------------------
+    def interpret(self, model: str, source: str, image: Any, sketch: Any, convert: bool, layer: str,
+                  n: float, temperature: float, seed: float):
+        """-> model input, reconstruction, top-k, samples [(image, class)], summary."""
+        with self.registry.use(model) as e:
+            pipe = e.pipe
+            x, note = self._input(e, source, image, sketch, convert)
+            r = space.interpret(pipe, x, layer, int(n), float(temperature), int(seed))
+        cls = space.class_name(pipe, int(r.probs.argmax()))
+        gallery = [(im, space.class_name(pipe, int(c))) for im, c in zip(space.tensor_images(r.samples, 96), r.sample_pred)]
+        summary = (
+            f"**Layer `{layer}`**: v accounts for **{_pct(r.variance_explained)}** of the autoencoder code's variance "
+            f"(0% = the layer pins the image down, 100% = it keeps nothing of it); **{_pct(r.class_agreement)}** of the "
+            f"{len(gallery)} samples are classified as **{cls}**, like the input.  \n<small>Input: {note}.</small>"
+        )
+        return (space.tensor_images(r.x)[0], space.tensor_images(r.recon)[0], self._label(pipe, r.probs), gallery, summary)
+
+    def sweep(self, model: str, source: str, image: Any, sketch: Any, convert: bool,
+              n: float, temperature: float, seed: float):
+        """-> model input, reconstruction, top-k, grid (rows = layers), variance plot, agreement plot, summary."""
+        with self.registry.use(model) as e:
+            pipe = e.pipe
+            x, note = self._input(e, source, image, sketch, convert)
+            s = space.layer_sweep(pipe, x, min(int(n), 16), float(temperature), int(seed))
+        layers = list(s.samples)
+        cls = int(s.probs.argmax())
+        rows = [[s.x[0], s.recon[0]] + list(s.samples[l]) for l in layers]
+        caps = [[None, None] + [space.class_name(pipe, int(c)) for c in s.sample_pred[l]] for l in layers]
+        marks = [[False, False] + [int(c) != cls for c in s.sample_pred[l]] for l in layers]
+        labels = [f"{l}  ({_pct(s.variance_explained[l])})" for l in layers]
+        ncols = max(len(r) for r in rows)
+        cols = ["input", "D(E(x))"] + [f"v{j + 1}" for j in range(ncols - 2)]
+        grid = space.compose_grid(rows, labels, cols, caps, cell=64, highlight=marks)
+        var = pd.DataFrame({"layer": layers,
+                            "variance explained by v (%)": [100 * (s.variance_explained[l] or 0.0) for l in layers]})
+        agree = pd.DataFrame({"layer": layers, "class agreement (%)": [100 * s.class_agreement[l] for l in layers]})
+        summary = (
+            f"Each row decodes the **same {len(s.samples[layers[0]])} invariance samples v** with the representation of one "
+            f"layer (percentages: variance of the autoencoder code explained by v). Orange frames: samples the classifier "
+            f"does not put in class **{space.class_name(pipe, cls)}**.  \n<small>Input: {note}.</small>"
+        )
+        return (space.tensor_images(s.x)[0], space.tensor_images(s.recon)[0], self._label(pipe, s.probs), grid,
+                var, agree, summary)
+
+    # --- Mix ------------------------------------------------------------------------------
+    def mix(self, model: str, image_a: Any, image_b: Any, convert: bool):
+        """-> grid (A's representation with B's invariances, and B's with A's, per layer), summary."""
+        if image_a is None or image_b is None:
+            raise ValueError("mixing needs two images: give both A and B")
+        with self.registry.use(model) as e:
+            pipe = e.pipe
+            xa, _ = space.prepare_input(pipe, image_a, convert=convert, domain=e.domain)
+            xb, _ = space.prepare_input(pipe, image_b, convert=convert, domain=e.domain)
+            m = space.mix(pipe, xa, xb)
+        layers = pipe.layers
+        name = functools.partial(space.class_name, pipe)
+        pa, pb = int(m.pred[0]), int(m.pred[1])
+        rows = [[m.x[0], m.x[1]] + [m.a_with_b[l][0] for l in layers],
+                [m.x[1], m.x[0]] + [m.b_with_a[l][0] for l in layers]]
+        caps = [[name(pa), name(pb)] + [name(m.pred_a_with_b[l]) for l in layers],
+                [name(pb), name(pa)] + [name(m.pred_b_with_a[l]) for l in layers]]
+        grid = space.compose_grid(rows, ["z of A, v of B", "z of B, v of A"], ["z from", "v from"] + layers, caps, cell=80)
+        summary = (
+            "Each cell decodes one image's representation at that layer with the other image's invariances: "
+            "D(t⁻¹(t(E(x_B)|Φ(x_B)) | Φ(x_A))). Where the decode still looks like the **z** image, the layer keeps that "
+            "content; where it takes on the **v** image's looks, the layer is invariant to them. Captions: the classifier's "
+            "prediction for each image."
+        )
+        return grid, summary
+
+    # --- Adversarial ----------------------------------------------------------------------
+    def attack(self, model: str, image: Any, convert: bool, eps: float = 0.3, seed: float = 0):
+        """-> original, FGSM, noise images; their top-k; grid of what each layer sees; summary."""
+        with self.registry.use(model) as e:
+            pipe = e.pipe
+            x, _ = space.prepare_input(pipe, image, convert=convert, domain=e.domain)
+            a = space.adversarial(pipe, x, float(eps), int(seed))
+        layers = pipe.layers
+        name = functools.partial(space.class_name, pipe)
+        preds = a.probs.argmax(1).tolist()
+        rows, caps, marks = [], [], []
+        for i in range(3):
+            decs = [a.seen[l][i] for l in layers]
+            pl = [a.seen_pred[l][i] for l in layers]
+            rows.append([a.x[i], a.recon[i]] + decs)
+            caps.append([name(preds[i]), name(a.recon_pred[i])] + [name(c) for c in pl])
+            marks.append([preds[i] != preds[0], a.recon_pred[i] != preds[0]] + [c != preds[0] for c in pl])
+        grid = space.compose_grid(rows, ["original", f"FGSM eps={a.eps:g}", f"random signs eps={a.eps:g}"],
+                                  ["input", "D(E(input))"] + layers, caps, cell=80, highlight=marks)
+        conf = a.probs.max(1).values.tolist()
+        fooled = [l for l in layers if a.seen_pred[l][1] == preds[1]] if preds[1] != preds[0] else []
+        summary = (
+            f"FGSM (ε = {a.eps:g} on the [-1, 1] scale) moves the prediction from **{name(preds[0])}** ({100 * conf[0]:.0f}%) "
+            f"to **{name(preds[1])}** ({100 * conf[1]:.0f}%); random sign noise of the same size gives **{name(preds[2])}** "
+            f"({100 * conf[2]:.0f}%).  \n"
+            + (f"Layers whose view of the attacked image is classified as **{name(preds[1])}**: "
+               f"{', '.join(f'`{l}`' for l in fooled) or 'none'}.  \n" if fooled or preds[1] != preds[0] else
+               "The attack did not change the prediction: try a larger ε.  \n")
+            + "Each layer's view: D(t⁻¹(v_orig | Φ_L(input))) with the original image's invariances v_orig, so only what "
+            "the layer's representation changed shows. Orange frames: class differs from the original prediction."
+        )
+        imgs = space.tensor_images(a.x)
+        return (imgs[0], imgs[1], imgs[2], self._label(pipe, a.probs[0]), self._label(pipe, a.probs[1]),
+                self._label(pipe, a.probs[2]), grid, summary)
+
+    # --- sketch preview -------------------------------------------------------------------
+    def preview_sketch(self, model: str, sketch: Any):
+        e = self.registry.get(model)
+        img = space.sketch_to_image(sketch, e.domain, e.pipe.channels)  # type: ignore[union-attr]
+        return space.tensor_images(e.pipe.preprocess(img))[0]  # type: ignore[union-attr]
+
+
+def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concurrency: int = 4) -> gr.Blocks:
+    """The Blocks app. ``models``: a registry, or extra model names besides the embedded pipelines.
+
+    The default model is loaded (and its examples made) here, so the first request is fast.
+    """
+    gr.networking.url_ok = patient_url_ok  # see patient_url_ok
+    registry = models if isinstance(models, space.ModelRegistry) else space.ModelRegistry(models or [])
+    app = SpaceApp(registry)
+    default = registry.default
+    registry.get(default)
+    ex, _ = app.examples(default)
+    pairs, _ = app.example_pairs(default)
+    layers = registry.get(default).pipe.layers  # type: ignore[union-attr]
+    is_digit = registry.get(default).domain == "digit"
+    go = dict(COMPUTE, concurrency_limit=max_concurrency)
+
+    with gr.Blocks(title="invint_hub: Making Sense of CNNs", fill_width=False) as demo:
+        demo.space_app = app  # type: ignore[attr-defined]
+        gr.Markdown(f"# {TITLE}")
+        gr.Markdown(INTRO)
+        with gr.Row(equal_height=True):
+            model = gr.Dropdown(registry.choices(), value=default, label="Model (pipeline)", scale=1, min_width=220)
+            info = gr.Markdown(app.model_info(default), elem_id="model-info")
+        convert_help = "Grayscale, invert a bright background, centre the strokes MNIST-style"
+
+        with gr.Tabs():
+            # ---------------------------------------------------------------- Interpret
+            with gr.Tab("Interpret", id="interpret"):
+                source = gr.State("upload")
+                with gr.Row():
+                    with gr.Column(scale=2, min_width=280):
+                        with gr.Tabs() as input_tabs:
+                            with gr.Tab("Upload / paste", id="upload") as tab_up:
+                                image = SafeImage(sources=["upload", "clipboard"], label="Image",
+                                                  height=260, format="png", elem_id="interpret-image",
+                                                  elem_classes="input-image")
+                            with gr.Tab("Draw", id="draw") as tab_draw:
+                                sketch = gr.Sketchpad(type="pil", label="Draw (pick the brush tool first)", canvas_size=(280, 280),
+                                                      brush=gr.Brush(default_size=18, colors=["#000000"], color_mode="fixed"),
+                                                      format="png", height=320, elem_id="sketch")
+                        convert = gr.Checkbox(value=is_digit, label="Convert to the model's domain", info=convert_help,
+                                              visible=is_digit)
+                        examples = gr.Dataset(components=[gr.Image(visible=False, format="png")], samples=ex,
+                                              type="index", label="Examples (click to run)",
+                                              samples_per_page=12, layout="gallery", elem_id="interpret-examples")
+                    with gr.Column(scale=5):
+                        with gr.Row():
+                            layer = gr.Dropdown(layers, value=app.default_layer(default), label="Layer", min_width=120)
+                            n = gr.Slider(1, space.MAX_SAMPLES, value=16, step=1, label="Samples N")
+                            temperature = gr.Slider(0.0, 1.5, value=1.0, step=0.05, label="Temperature of v")
+                            seed = gr.Number(0, precision=0, minimum=0, label="Seed", min_width=90)
+                            dice = gr.Button("New seed", scale=0, min_width=90, size="sm")
+                        with gr.Row():
+                            run = gr.Button("Interpret layer", variant="primary", elem_id="run-interpret")
+                            run_sweep = gr.Button("Layer sweep (all layers)", variant="secondary", elem_id="run-sweep")
+                        with gr.Row():
+                            model_in = gr.Image(label="Model input", format="png", height=150, interactive=False,
+                                                elem_classes="pixelated", buttons=[])
+                            recon = gr.Image(label="Reconstruction D(E(x))", format="png", height=150,
+                                             interactive=False, elem_classes="pixelated", buttons=[])
+                            top = gr.Label(num_top_classes=5, label="Prediction (top 5)")
+                        summary = gr.Markdown(elem_id="summary")
+                        gr.Markdown("**Samples** D(t⁻¹(v | z)) with v ~ N(0, T²I); captions: the classifier's prediction",
+                                    elem_id="samples-title")
+                        gallery = gr.Gallery(label="Samples", show_label=False, columns=8, height=None, format="png",
+                                             object_fit="contain",
+                                             elem_id="samples", elem_classes="pixelated", allow_preview=True)
+                with gr.Accordion("Layer sweep: every layer, the same v (click \"Layer sweep\")", open=False) as sweep_box:
+                    sweep_md = gr.Markdown()
+                    sweep_img = gr.Image(label="Layer sweep", show_label=False, format="png", interactive=False,
+                                         elem_id="sweep", buttons=["download", "fullscreen"])
+                    with gr.Row():
+                        var_plot = gr.BarPlot(x="layer", y="variance explained by v (%)", sort=layers, y_lim=[0, 100],
+                                              title="Variance of the autoencoder code explained by v", height=260)
+                        agree_plot = gr.BarPlot(x="layer", y="class agreement (%)", sort=layers, y_lim=[0, 100],
+                                                title="Samples classified like the input", height=260)
+
+            # ---------------------------------------------------------------- Mix
+            with gr.Tab("Mix", id="mix"):
+                gr.Markdown("Decode **A's representation with B's invariances** (and B's with A's) at every layer: "
+                            "where does content stop and invariance begin?")
+                with gr.Row():
+                    img_a = SafeImage(sources=["upload", "clipboard"], label="Image A (its representation z)", height=220,
+                                      format="png", elem_classes="input-image", elem_id="mix-a")
+                    img_b = SafeImage(sources=["upload", "clipboard"], label="Image B (its invariances v)", height=220,
+                                      format="png", elem_classes="input-image", elem_id="mix-b")
+                    with gr.Column():
+                        mix_convert = gr.Checkbox(value=is_digit, label="Convert to the model's domain",
+                                                  info=convert_help, visible=is_digit)
+                        run_mix = gr.Button("Mix", variant="primary", elem_id="run-mix")
+                        mix_examples = gr.Dataset(components=[gr.Image(visible=False, format="png"),
+                                                              gr.Image(visible=False, format="png")],
+                                                  samples=pairs, type="index", label="Example pairs (click to run)",
+                                                  layout="table", samples_per_page=6, elem_id="mix-examples")
+                mix_md = gr.Markdown()
+                mix_img = gr.Image(label="Mixed decodes per layer", show_label=False, format="png", interactive=False,
+                                   elem_id="mix-grid", buttons=["download", "fullscreen"])
+
+            # ---------------------------------------------------------------- Adversarial
+            with gr.Tab("Adversarial", id="adversarial"):
+                gr.Markdown("**FGSM** against the classifier, next to **random sign noise** of the same ε: what does each "
+                            "layer see of the attacked image? (the paper's Fig. 5)")
+                with gr.Row():
+                    with gr.Column(scale=1, min_width=260):
+                        adv_image = SafeImage(sources=["upload", "clipboard"], label="Image", height=220,
+                                              format="png", elem_classes="input-image", elem_id="adv-image")
+                        adv_convert = gr.Checkbox(value=is_digit, label="Convert to the model's domain",
+                                                  info=convert_help, visible=is_digit)
+                        eps = gr.Slider(0.0, 1.0, value=0.3, step=0.01, label="ε (on the [-1, 1] image scale)",
+                                        info="small nets on 32 px digits need more than the paper's 0.02 (ResNet-101)")
+                        adv_seed = gr.Number(0, precision=0, minimum=0, label="Noise seed")
+                        run_adv = gr.Button("Attack", variant="primary", elem_id="run-attack")
+                        adv_examples = gr.Dataset(components=[gr.Image(visible=False, format="png")], samples=ex,
+                                                  type="index", label="Examples (click to run)",
+                                                  samples_per_page=12, layout="gallery", elem_id="adv-examples")
+                    with gr.Column(scale=3):
+                        with gr.Row():
+                            adv_orig = gr.Image(label="Original", format="png", height=140, interactive=False,
+                                                elem_classes="pixelated", buttons=[])
+                            adv_att = gr.Image(label="FGSM", format="png", height=140, interactive=False,
+                                               elem_classes="pixelated", buttons=[])
+                            adv_noise = gr.Image(label="Random signs", format="png", height=140, interactive=False,
+                                                 elem_classes="pixelated", buttons=[])
+                        with gr.Row():
+                            lab_orig = gr.Label(num_top_classes=3, label="Before")
+                            lab_att = gr.Label(num_top_classes=3, label="After FGSM")
+                            lab_noise = gr.Label(num_top_classes=3, label="After noise")
+                        adv_md = gr.Markdown(elem_id="adv-summary")
+                        adv_img = gr.Image(label="What each layer sees", show_label=False, format="png", interactive=False,
+                                           elem_id="adv-grid", buttons=["download", "fullscreen"])
+
+            with gr.Tab("About", id="about"):
+                gr.Markdown(ABOUT)
+
+        # ------------------------------------------------------------------------ events
+        tab_up.select(lambda: "upload", None, source, queue=False, api_visibility="private")
+        tab_draw.select(lambda: "draw", None, source, queue=False, api_visibility="private")
+        dice.click(lambda: random.randint(0, 2**31 - 1), None, seed, queue=False, api_visibility="private")
+
+        interp_in = [model, source, image, sketch, convert, layer, n, temperature, seed]
+        interp_out = [model_in, recon, top, gallery, summary]
+        sweep_in = [model, source, image, sketch, convert, n, temperature, seed]
+        sweep_out = [model_in, recon, top, sweep_img, var_plot, agree_plot, sweep_md]
+        run.click(ui_errors(app.interpret), interp_in, interp_out, api_name="interpret", **go)
+        sweep_ui = ui_errors(app.sweep)
+
+        def sweep_and_open(*args):
+            return (*sweep_ui(*args), gr.Accordion(open=True))
+
+        run_sweep.click(sweep_and_open, sweep_in, sweep_out + [sweep_box], api_name="layer_sweep", **go)
+        attack_in = [model, adv_image, adv_convert, eps, adv_seed]
+        attack_out = [adv_orig, adv_att, adv_noise, lab_orig, lab_att, lab_noise, adv_img, adv_md]
+        run_adv.click(ui_errors(app.attack), attack_in, attack_out, api_name="adversarial", **go)
+        run_mix.click(ui_errors(app.mix), [model, img_a, img_b, mix_convert], [mix_img, mix_md], api_name="mix", **go)
+
+        pick = ui_errors(app.example_image)
+        (examples.click(lambda m, i: (pick(m, i), "upload", gr.Tabs(selected="upload")), [model, examples],
+                        [image, source, input_tabs],
+                        api_visibility="private", queue=False)
+         .success(ui_errors(app.interpret), interp_in, interp_out, api_visibility="private", **go))
+        (adv_examples.click(pick, [model, adv_examples], adv_image, api_visibility="private", queue=False)
+         .success(ui_errors(app.attack), attack_in, attack_out, api_visibility="private", **go))
+        (mix_examples.click(lambda m, i: (pick(m, i, 0), pick(m, i, 1)), [model, mix_examples], [img_a, img_b],
+                            api_visibility="private", queue=False)
+         .success(ui_errors(app.mix), [model, img_a, img_b, mix_convert], [mix_img, mix_md], api_visibility="private", **go))
+
+        @ui_errors
+        def select_model(name: str):
+            """Load the chosen pipeline; update layers, examples and the domain switch."""
+            e = registry.get(name)
+            ex_, _ = app.examples(name)
+            pairs_, _ = app.example_pairs(name)
+            digit = e.domain == "digit"
+            layers_ = e.pipe.layers  # type: ignore[union-attr]
+            return (
+                app.model_info(name),
+                gr.Dropdown(choices=layers_, value=app.default_layer(name)),
+                gr.Dataset(samples=ex_),
+                gr.Dataset(samples=ex_),
+                gr.Dataset(samples=pairs_),
+                *(gr.Checkbox(value=digit, visible=digit) for _ in range(3)),
+                gr.BarPlot(sort=layers_),
+                gr.BarPlot(sort=layers_),
+            )
+
+        model.change(select_model, model,
+                     [info, layer, examples, adv_examples, mix_examples, convert, mix_convert, adv_convert,
+                      var_plot, agree_plot], api_name="select_model", concurrency_id="load", concurrency_limit=1)
+    demo.queue(max_size=256, default_concurrency_limit=max_concurrency)
+    return demo
+
+
+ABOUT = """
+### How to read the views
+* **Interpret**: N samples D(t⁻¹(v | z)) for one layer. The samples share the layer's representation z of your image
+  and differ only in the invariances v. Temperature scales v (0 gives the reconstruction of the mean invariance).
+* **Layer sweep**: the same v samples decoded with each layer's z. Shallow layers keep the image; deep layers keep the
+  class and let style, thickness, slant vary. The bar charts show the share of the autoencoder code's variance that v
+  explains, and how many samples the classifier still puts into the input's class.
+* **Mix**: A's representation with B's invariances. Early layers show A; late layers show B's style with A's class.
+* **Adversarial**: FGSM (cross-entropy w.r.t. the predicted class, one signed gradient step of size ε, clamped to [-1, 1])
+  and a random-sign control of the same ε. Each layer's view decodes the layer's representation of the perturbed image
+  with the original image's invariances.
+
+Everything runs on your machine's CPU; the embedded pipeline needs no network. Code: invint_hub (`python app.py --help`).
+"""
+
+
+def launch_options() -> dict:
+    """Keyword arguments for ``demo.launch`` (Gradio 6 takes theme and css there)."""
+    return dict(ssr_mode=False, theme=gr.themes.Soft(primary_hue="indigo"), css=CSS, show_error=False)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=TITLE)
+    ap.add_argument("--model", action="append", default=[], metavar="REPO_OR_DIR",
+                    help="a Hub repo id or local pipeline folder to offer (repeatable); also INVINT_MODELS=a,b")
+    ap.add_argument("--no-embedded", action="store_true", help="do not offer the embedded pipelines")
+    ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
+    ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", os.environ.get("PORT", 7860))))
+    ap.add_argument("--concurrency", type=int, default=4, help="requests computed at once over all models")
+    ap.add_argument("--per-model", type=int, default=2, help="requests one model computes at once")
+    ap.add_argument("--examples", type=int, default=10, help="example images per model")
+    return ap.parse_args(argv)
+
+
+def models_from(args: argparse.Namespace) -> list[str]:
+    env = os.environ.get("INVINT_MODELS", "")
+    return [m for m in args.model + env.replace(";", ",").split(",") if m.strip()]
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    models = models_from(args)
+    try:
+        registry = space.ModelRegistry(models, include_embedded=not args.no_embedded, per_model_limit=args.per_model,
+                                       examples_per_model=args.examples)
+        if models:  # an explicitly named model comes first
+            registry.names.remove(models[0].strip())
+            registry.names.insert(0, models[0].strip())
+        demo = build_demo(registry, max_concurrency=args.concurrency)
+    except ValueError as e:
+        sys.exit(f"app.py: {space.one_line(e)}")
+    demo.launch(server_name=args.host, server_port=args.port, **launch_options())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,245 @@
+"""Latency benchmark of the Gradio Space (app.py): handler server time, client round trips,
+start-up time, and an optional concurrency stress run. Prints medians; --json writes them.
+
+    python eval/bench_app.py                               # embedded default pipeline
+    python eval/bench_app.py --model path/or/org-repo --runs 20 --client --startup 3 --stress 60
+    python eval/bench_app.py --random-from-config configs/mnist.yaml   # same architecture, random weights
+
+Server time = the handler call itself (input decoding, the networks, image composition), as
+Gradio runs it, without transport and PNG encoding. ``--client`` adds the round trip through
+``gradio_client`` (upload, queue, PNG files back). Latency depends on the architecture, not on
+the weights, so ``--random-from-config`` measures a pipeline before its training is done.
+CPU time (process time of all threads) is printed next to the wall time: on a shared machine
+the wall time includes waiting for the CPU, the CPU time does not.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+def random_pipeline(config: str | Path, out: str | Path) -> Path:
+    """A pipeline with the config's architecture and random weights (ActNorms initialised on random data)."""
+    import torch
+    import yaml
+
+    from invint_hub import Autoencoder, Backbone, ConditionalINN, InvariancePipeline
+
+    cfg = yaml.safe_load(Path(config).read_text())
+    d = cfg["data"]
+    torch.manual_seed(0)
+    bb = Backbone(in_channels=d["channels"], image_size=d["image_size"], **cfg["classifier"].get("model", {})).eval()
+    ae = Autoencoder(image_size=d["image_size"], channels=d["channels"], **cfg["autoencoder"].get("model", {})).eval()
+    ae.latent_var.fill_(float(ae.latent_dim))
+    x = torch.rand(64, d["channels"], d["image_size"], d["image_size"]) * 2 - 1
+    cinns = {}
+    for layer in cfg["cinn"]["layers"]:
+        t = ConditionalINN(latent_dim=ae.latent_dim, cond_shape=list(bb.feature_shapes[layer]), layer=layer,
+                           **cfg["cinn"].get("model", {})).train()
+        with torch.no_grad():
+            t(ae.encode(x).mode(), bb.representation(x, layer))
+        cinns[layer] = t.eval()
+    pipe = InvariancePipeline(bb, ae, cinns, {"dataset": d["name"], "format": "invint_hub.pipeline/1"})
+    return pipe.save_pretrained(out)
+
+
+def timed(fn, runs: int, warmup: int = 2, name: str = "", verbose: bool = False) -> dict:
+    if name:
+        print(f"  timing {name} ...", flush=True)
+    for _ in range(warmup):
+        fn()
+    wall, cpu = [], []
+    for _ in range(runs):
+        t, c = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+        if verbose:
+            print(f"    {1000 * wall[-1]:.0f} ms (CPU {1000 * cpu[-1]:.0f} ms)", flush=True)
+    return {"median_ms": 1000 * statistics.median(wall), "min_ms": 1000 * min(wall), "max_ms": 1000 * max(wall),
+            "cpu_median_ms": 1000 * statistics.median(cpu), "runs": runs}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str, timeout: float = 10) -> float:
+    t = time.perf_counter()
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        r.read()
+    return time.perf_counter() - t
+
+
+def startup_time(model_args: list[str], timeout: float = 120) -> float:
+    """Seconds from launching ``python app.py`` to the server answering its page."""
+    port = free_port()
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), *model_args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while time.perf_counter() - t0 < timeout:
+            if proc.poll() is not None:
+                raise RuntimeError(f"app.py exited early with code {proc.returncode}")
+            try:
+                get(f"http://127.0.0.1:{port}/", timeout=2)
+                return time.perf_counter() - t0
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"app.py not ready after {timeout} s")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def stress(url: str, model: str, example: str, seconds: float, clients: int, layer: str) -> dict:
+    """``clients`` gradio_client sessions alternating Interpret and layer-sweep requests for ``seconds``."""
+    from gradio_client import Client, handle_file
+
+    errors: list[str] = []
+    lat: list[float] = []
+    page: list[float] = []
+    stop = time.perf_counter() + seconds
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        c = Client(url, verbose=False, download_files=False)
+        k = 0
+        while time.perf_counter() < stop:
+            t = time.perf_counter()
+            try:
+                if (i + k) % 2:
+                    c.predict(model, handle_file(example), None, True, layer, 16, 1.0, k, api_name="/interpret")
+                else:
+                    c.predict(model, handle_file(example), None, True, 16, 1.0, k, api_name="/layer_sweep")
+                with lock:
+                    lat.append(time.perf_counter() - t)
+            except Exception as e:  # every failure counts
+                with lock:
+                    errors.append(repr(e)[:200])
+            k += 1
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        try:
+            page.append(get(url))
+        except OSError as e:
+            errors.append(f"page: {e!r}")
+        time.sleep(1.0)
+    for t in threads:
+        t.join()
+    lat.sort()
+    return {"seconds": seconds, "clients": clients, "requests": len(lat), "errors": len(errors),
+            "error_examples": errors[:3], "latency_median_ms": 1000 * statistics.median(lat) if lat else None,
+            "latency_p95_ms": 1000 * lat[int(0.95 * (len(lat) - 1))] if lat else None,
+            "page_load_max_ms": 1000 * max(page) if page else None}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="pipeline (embedded name, folder or Hub id); default: embedded mnist")
+    ap.add_argument("--random-from-config", default=None, metavar="YAML",
+                    help="benchmark a random-weight pipeline with this config's architecture")
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--samples", type=int, default=16)
+    ap.add_argument("--layer", default=None, help="layer of the Interpret request (default: the middle one)")
+    ap.add_argument("--client", action="store_true", help="also time round trips through gradio_client")
+    ap.add_argument("--startup", type=int, default=0, metavar="N", help="time N cold starts of app.py")
+    ap.add_argument("--stress", type=float, default=0, metavar="SECONDS", help="8 concurrent clients for SECONDS")
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--verbose", action="store_true", help="print every run")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    import app
+    from invint_hub import space
+    from invint_hub.pipeline import embedded_pipelines
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.random_from_config:
+        model = str(random_pipeline(args.random_from_config, tempfile.mkdtemp(prefix="bench_pipe_")))
+    else:
+        model = args.model or "mnist"
+        if model not in embedded_pipelines() and not Path(model).exists() and model.count("/") != 1:
+            sys.exit(f"model {model!r} not found (embedded: {embedded_pipelines()}); try --random-from-config configs/mnist.yaml")
+    registry = space.ModelRegistry([model], include_embedded=False)
+    sa = app.SpaceApp(registry)
+    entry = registry.get(model)
+    pipe = entry.pipe
+    layer = args.layer or sa.default_layer(model)
+    example = str(entry.examples[0])
+    res: dict = {"model": model, "layers": pipe.layers, "samples": args.samples, "layer": layer,
+                 "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "load_before": os.getloadavg()[0]}
+    print(f"model {model}: {pipe}\nexample {example}; torch threads {torch.get_num_threads()}; "
+          f"load average {os.getloadavg()[0]:.2f}")
+
+    n = args.samples
+    res["interpret"] = timed(name="interpret", fn=lambda: sa.interpret(model, "upload", example, None, True, layer, n, 1.0, 0), runs=args.runs, verbose=args.verbose)
+    res["layer_sweep"] = timed(name="layer_sweep", fn=lambda: sa.sweep(model, "upload", example, None, True, n, 1.0, 0), runs=args.runs, verbose=args.verbose)
+    ex2 = str(entry.examples[min(1, len(entry.examples) - 1)])
+    res["mix"] = timed(name="mix", fn=lambda: sa.mix(model, example, ex2, True), runs=args.runs, verbose=args.verbose)
+    res["adversarial"] = timed(name="adversarial", fn=lambda: sa.attack(model, example, True, 0.1, 0), runs=args.runs, verbose=args.verbose)
+
+    if args.client or args.stress:
+        from gradio_client import Client, handle_file
+
+        demo = app.build_demo(registry)
+        demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
+                    **app.launch_options())
+        try:
+            if args.client:
+                c = Client(demo.local_url, verbose=False, download_files=False)
+                res["client_interpret"] = timed(name="client_interpret", fn=lambda: c.predict(model, handle_file(example), None, True, layer, n, 1.0, 0,
+                                                                  api_name="/interpret"), runs=args.runs, verbose=args.verbose)
+                res["client_layer_sweep"] = timed(name="client_layer_sweep", fn=lambda: c.predict(model, handle_file(example), None, True, n, 1.0, 0,
+                                                                    api_name="/layer_sweep"), runs=args.runs, verbose=args.verbose)
+            if args.stress:
+                res["stress"] = stress(demo.local_url, model, example, args.stress, args.clients, layer)
+        finally:
+            demo.close()
+    if args.startup:
+        margs = ["--no-embedded", "--model", model] if model not in embedded_pipelines() else ["--model", model]
+        times = [startup_time(margs) for _ in range(args.startup)]
+        res["startup"] = {"median_s": statistics.median(times), "all_s": times}
+    res["load_after"] = os.getloadavg()[0]
+
+    print(f"\n{'request':<22}{'median ms':>11}{'min ms':>9}{'max ms':>9}{'CPU ms':>9}  (runs)")
+    for k, v in res.items():
+        if isinstance(v, dict) and "median_ms" in v:
+            print(f"{k:<22}{v['median_ms']:>11.1f}{v['min_ms']:>9.1f}{v['max_ms']:>9.1f}{v['cpu_median_ms']:>9.1f}  ({v['runs']})")
+    if "startup" in res:
+        print(f"{'startup to ready':<22}{1000 * res['startup']['median_s']:>11.0f}   all: "
+              f"{', '.join(f'{s:.1f}s' for s in res['startup']['all_s'])}")
+    if "stress" in res:
+        print(f"stress: {json.dumps(res['stress'])}")
+    print(f"load average before/after: {res['load_before']:.2f} / {res['load_after']:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return res
+
+
+if __name__ == "__main__":
+    main()

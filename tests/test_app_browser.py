@@ -1,0 +1,146 @@
+"""The Space in a real headless browser (Debian's chromium through Playwright).
+
+Uploads an image, runs Interpret and counts the gallery's images; draws a digit on the
+sketchpad; clicks the examples of the Mix and Adversarial tabs; screenshots every tab
+(into $INVINT_SCREENSHOT_DIR if set, else a temporary folder).
+"""
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import app  # noqa: E402
+from invint_hub.pipeline import embedded_pipelines  # noqa: E402
+from invint_hub.space import ModelRegistry  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync"]
+TIMEOUT_MS = 180_000
+SHOT_MS = 180_000
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"{CHROMIUM} is missing (apt-get install chromium)"),
+    pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword is deprecated)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_pipeline_dir, tmp_path_factory):
+    """The app on the embedded MNIST pipeline when it exists (realistic screenshots), else the tiny one."""
+    models = ["mnist"] if "mnist" in embedded_pipelines() else [str(tiny_pipeline_dir)]
+    registry = ModelRegistry(models, include_embedded=False, examples_per_model=10,
+                             example_dir=tmp_path_factory.mktemp("examples"))
+    demo = app.build_demo(registry)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
+                **app.launch_options())
+    yield demo, registry
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory):
+    d = Path(os.environ.get("INVINT_SCREENSHOT_DIR") or tmp_path_factory.mktemp("screens"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def page(served):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        pg.set_default_timeout(TIMEOUT_MS)
+        pg.goto(served[0].local_url)
+        pg.wait_for_selector("#interpret-image input[type=file]", state="attached")
+        yield pg
+        browser.close()
+
+
+def gallery_count(page) -> int:
+    return page.locator("#samples img").count()
+
+
+def test_upload_and_interpret_fills_the_gallery(page, served, shots):
+    demo, registry = served
+    example = str(registry.get(None).examples[3])
+    page.locator("#interpret-image input[type=file]").set_input_files(example)
+    page.wait_for_selector("#interpret-image img")
+    page.click("#run-interpret")
+    page.wait_for_function("document.querySelectorAll('#samples img').length >= 16", timeout=TIMEOUT_MS)
+    assert gallery_count(page) == 16  # the N slider's default
+    assert page.locator("#summary").inner_text().strip().startswith("Layer")
+    page.click("#run-sweep")
+    page.wait_for_selector("#sweep img")
+    page.screenshot(path=str(shots / "interpret.png"), full_page=True, timeout=SHOT_MS)
+
+
+def test_drawing_a_digit_runs_interpret(page, shots):
+    page.get_by_role("tab", name="Draw").click()
+    page.locator("#sketch button[aria-label=Brush]").click()  # the editor starts with no tool selected
+    canvas = page.locator("#sketch canvas").first
+    canvas.wait_for()
+    box = canvas.bounding_box()
+    assert box is not None
+    x0, y0, w, h = box["x"], box["y"], box["width"], box["height"]
+    page.mouse.move(x0 + 0.35 * w, y0 + 0.25 * h)
+    page.mouse.down()
+    for fx, fy in [(0.65, 0.25), (0.6, 0.4), (0.5, 0.6), (0.45, 0.8)]:  # a "7"
+        page.mouse.move(x0 + fx * w, y0 + fy * h, steps=8)
+    page.mouse.up()
+    page.wait_for_timeout(500)
+    before = page.locator("#summary").inner_text()
+    page.click("#run-interpret")
+    page.wait_for_function(
+        "(b) => { const s = document.querySelector('#summary'); return s && s.innerText !== b && s.innerText.includes('drawing'); }",
+        arg=before, timeout=TIMEOUT_MS)
+    assert gallery_count(page) == 16
+    page.screenshot(path=str(shots / "draw.png"), full_page=True, timeout=SHOT_MS)
+
+
+def test_mix_example_one_click(page, shots):
+    page.get_by_role("tab", name="Mix").click()
+    page.locator("#mix-examples tbody tr").first.click()  # one click: fills A and B and runs
+    page.wait_for_selector("#mix-grid img")
+    assert page.locator("#mix-a img").count() == 1 and page.locator("#mix-b img").count() == 1
+    page.screenshot(path=str(shots / "mix.png"), full_page=True, timeout=SHOT_MS)
+
+
+def test_adversarial_example_one_click(page, shots):
+    page.get_by_role("tab", name="Adversarial").click()
+    page.locator("#adv-examples button.gallery-item").nth(2).click()
+    page.wait_for_selector("#adv-grid img")
+    assert "FGSM" in page.locator("#adv-summary").inner_text()
+    page.screenshot(path=str(shots / "adversarial.png"), full_page=True, timeout=SHOT_MS)
+
+
+@pytest.mark.parametrize("name, expected", [("truncated", "could not be decoded"), ("huge_header", "too large")])
+def test_bad_upload_shows_one_line_and_page_survives(served, page, bad_image_files, name, expected):
+    fresh = page.context.browser.new_page()
+    try:
+        fresh.set_default_timeout(TIMEOUT_MS)
+        fresh.goto(served[0].local_url)
+        fresh.wait_for_selector("#interpret-image input[type=file]", state="attached")
+        fresh.locator("#interpret-image input[type=file]").set_input_files(str(bad_image_files[name]))
+        fresh.click("#run-interpret")
+        toast = fresh.locator(".toast-body").first
+        toast.wait_for()
+        text = toast.inner_text()
+        assert expected in text and "Traceback" not in text, text
+    finally:
+        fresh.close()
+    page.get_by_role("tab", name="Interpret").click()  # the first session still works
+    page.click("#run-interpret")
+    page.wait_for_function("document.querySelectorAll('#samples img').length >= 16")
