@@ -91,8 +91,7 @@ class ActNorm(nn.Module):
 
 SUBNET_SLOPE = 0.01  # LeakyReLU slope of the coupling subnets (official BasicFullyConnectedNet)
 # Cached CPU inference on the fast path: subnets at least this wide run through oneDNN with weights
-# pre-packed once (the blocked layout its matmul wants); in narrower ones, where a matmul call costs
-# more than its arithmetic, the output layers of s and t run as one block-diagonal matmul.
+# pre-packed once (the blocked layout its matmul wants); narrower ones are faster as plain matmuls.
 ONEDNN_MIN_WIDTH = 512
 
 
@@ -246,8 +245,6 @@ class FlowPack:
     perm, inv_perm: the blocks' permutations; dim, dim_a: vector size and kept half of a coupling.
     onednn:  CPU inference with wide subnets only (else None): per coupling, per further layer,
         oneDNN pre-packed (W_s, W_t) and biases (b_s, b_t), used instead of ``hidden``.
-    out_blockdiag: CPU inference with narrow subnets only (else None): per coupling, the output
-        layer as one block-diagonal matrix [[W_s, 0], [0, W_t]] (2 out, 2 H) and bias (2 out, 1).
     """
 
     w_in: list[torch.Tensor]
@@ -264,7 +261,6 @@ class FlowPack:
     dim: int
     dim_a: int
     onednn: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] | None = None
-    out_blockdiag: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class Flow(nn.Module):
@@ -283,7 +279,7 @@ class Flow(nn.Module):
         self.fast_path = False
         self.fast_dtype: torch.dtype | None = None  # subnet matmul dtype on the fast path (None: as the weights)
         self.fast_cache = True  # cache the stacked weights while gradients are off (inference)
-        self.fast_cpu_layouts = True  # cached CPU inference: see ONEDNN_MIN_WIDTH
+        self.fast_onednn = True  # cached CPU inference: pre-packed oneDNN matmuls (see ONEDNN_MIN_WIDTH)
         self._pack_cache: tuple[tuple, FlowPack] | None = None
         self._pack_params: list[nn.Parameter] | None = None
         self.register_load_state_dict_post_hook(_drop_pack_cache)
@@ -339,7 +335,7 @@ class Flow(nn.Module):
     def pack(self, dtype: torch.dtype | None = None, cpu_inference: bool = False) -> FlowPack:
         """Stack the parameters for the fast path (differentiable; one ``torch.stack`` per layer).
 
-        ``cpu_inference`` (no gradients) adds the CPU layouts described at ``ONEDNN_MIN_WIDTH``.
+        ``cpu_inference`` (no gradients): pre-pack wide subnets for oneDNN (see ``ONEDNN_MIN_WIDTH``).
         """
         couplings = [c for b in self.blocks for c in (b.coupling.first, b.coupling.second)]
         pairs = [c.linear_pairs() for c in couplings]
@@ -360,14 +356,11 @@ class Flow(nn.Module):
             # split (not indexing): its backward is a single concatenation of the gradients
             for k, (wk, bk) in enumerate(zip(w.split(2), b.split(2))):
                 hidden[k].append((wk, bk))
-        packed = blockdiag = None
-        if cpu_inference and n_layers > 1:
-            if hid >= ONEDNN_MIN_WIDTH and w0.dtype in (torch.float32, torch.bfloat16) and _onednn_linear_available():
-                packed = [[(_reorder(w[0]), _reorder(w[1]), b[0, :, 0], b[1, :, 0]) for w, b in layers]
-                          for layers in hidden]
-                hidden = [[] for _ in couplings]  # the pre-packed copies replace the stacked ones
-            else:
-                blockdiag = [(torch.block_diag(w[0], w[1]), b.reshape(-1, 1)) for w, b in (h[-1] for h in hidden)]
+        packed = None
+        if (cpu_inference and n_layers > 1 and hid >= ONEDNN_MIN_WIDTH
+                and w0.dtype in (torch.float32, torch.bfloat16) and _onednn_linear_available()):
+            packed = [[(_reorder(w[0]), _reorder(w[1]), b[0, :, 0], b[1, :, 0]) for w, b in layers] for layers in hidden]
+            hidden = [[] for _ in couplings]  # the pre-packed copies replace the stacked ones
         log_scale = torch.stack([b.norm.log_scale for b in self.blocks]).unsqueeze(2)  # (n, dim, 1)
         loc = torch.stack([b.norm.loc for b in self.blocks]).unsqueeze(2)
         scale = log_scale.exp()
@@ -378,7 +371,7 @@ class Flow(nn.Module):
             actnorm_logdet=log_scale.float().sum(),
             perm=[b.shuffle.perm for b in self.blocks], inv_perm=[b.shuffle.inv_perm for b in self.blocks],
             dim=log_scale.shape[1], dim_a=dim_a,
-            onednn=packed, out_blockdiag=blockdiag,
+            onednn=packed,
         )
 
     def _get_pack(self) -> FlowPack:
@@ -394,13 +387,13 @@ class Flow(nn.Module):
         if self._pack_params is None:
             self._pack_params = list(self.parameters())
         try:
-            key = (self.fast_dtype, self.fast_cpu_layouts,
+            key = (self.fast_dtype, self.fast_onednn,
                    tuple((p.data_ptr(), p._version) for p in self._pack_params))
         except RuntimeError:  # e.g. inference tensors have no version counter
             return self.pack(self.fast_dtype)
         if self._pack_cache is None or self._pack_cache[0] != key:
             self._pack_cache = None  # free the old copy first
-            cpu = self.fast_cpu_layouts and self._pack_params[0].device.type == "cpu"
+            cpu = self.fast_onednn and self._pack_params[0].device.type == "cpu"
             self._pack_cache = (key, self.pack(self.fast_dtype, cpu_inference=cpu))
         return self._pack_cache[1]
 
@@ -425,12 +418,8 @@ class Flow(nn.Module):
         a = torch.addmm(terms[j], w_in, x_a if w_in.dtype == dtype else x_a.to(w_in.dtype))  # (2H, B): [s; t]
         a = a.view(2, -1, a.shape[-1])
         if p.onednn is None:
-            hidden = p.hidden[j]
-            for w, b in hidden if p.out_blockdiag is None else hidden[:-1]:
+            for w, b in p.hidden[j]:
                 a = torch.baddbmm(b, w, F.leaky_relu(a, SUBNET_SLOPE))  # (2, out, B)
-            if p.out_blockdiag is not None:  # output layers of s and t in one matmul
-                w, b = p.out_blockdiag[j]
-                a = torch.addmm(b, w, F.leaky_relu(a, SUBNET_SLOPE).view(-1, a.shape[-1])).view(2, -1, a.shape[-1])
             s, t = a.unbind(0)  # unbind (not indexing): one node in the backward pass
         else:  # CPU inference: batch-major through pre-packed weights, bias and LeakyReLU fused
             s, t = (h.t() for h in F.leaky_relu(a, SUBNET_SLOPE).unbind(0))  # (B, H) each

@@ -82,21 +82,21 @@ def test_cpu_inference_with_prepacked_wide_subnets(dtype):
         ref, ld_ref = flow.inverse(y, c)
         out, ld = fast.inverse(y, c)
         assert fast._pack_cache[1].onednn is not None
-        fast.fast_cpu_layouts = False  # the stacked-matmul path, for comparison
+        fast.fast_onednn = False  # the stacked-matmul path, for comparison
         out2, ld2 = fast.inverse(y, c)
         assert fast._pack_cache[1].onednn is None
         fwd, fld = flow(y, c)
-        fast.fast_cpu_layouts = True
+        fast.fast_onednn = True
         fwd1, fld1 = fast(y, c)
     tol = RTOL if dtype is None else 2e-2
     assert rel(out, ref) < tol and rel(out2, ref) < tol and rel(ld, ld_ref) < tol
     assert rel(fwd1, fwd) < tol and rel(fld1, fld) < tol
-    # narrow subnets never take the pre-packed route, but a block-diagonal output layer
+    # narrow subnets never take the pre-packed route
     narrow = _randomized_flow(8, 3, hidden=64).eval()
     fast_narrow = set_fast_path(copy.deepcopy(narrow), dtype=dtype)
     with torch.no_grad():
         out = fast_narrow.inverse(y, c)[0]
-        assert fast_narrow._pack_cache[1].onednn is None and fast_narrow._pack_cache[1].out_blockdiag is not None
+        assert fast_narrow._pack_cache[1].onednn is None
         assert rel(out, narrow.inverse(y, c)[0]) < tol
 
 
