@@ -513,6 +513,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--concurrency", type=int, default=4, help="requests computed at once over all models")
     ap.add_argument("--per-model", type=int, default=2, help="requests one model computes at once")
     ap.add_argument("--examples", type=int, default=10, help="example images per model")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("INVINT_TORCH_THREADS", 1)),
+                    help="torch threads per request (default 1: requests run in parallel instead; more threads "
+                         "on a shared 2-core CPU make every request many times slower)")
     return ap.parse_args(argv)
 
 
@@ -524,6 +527,7 @@ def models_from(args: argparse.Namespace) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
+    torch.set_num_threads(max(1, args.threads))
     models = models_from(args)
     try:
         registry = space.ModelRegistry(models, include_embedded=not args.no_embedded, per_model_limit=args.per_model,

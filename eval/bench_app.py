@@ -87,7 +87,7 @@ def get(url: str, timeout: float = 10) -> float:
     return time.perf_counter() - t
 
 
-def startup_time(model_args: list[str], timeout: float = 120) -> float:
+def startup_time(model_args: list[str], timeout: float = 180) -> float:
     """Seconds from launching ``python app.py`` to the server answering its page."""
     port = free_port()
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
@@ -166,7 +166,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--startup", type=int, default=0, metavar="N", help="time N cold starts of app.py")
     ap.add_argument("--stress", type=float, default=0, metavar="SECONDS", help="8 concurrent clients for SECONDS")
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1, as app.py)")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--verbose", action="store_true", help="print every run")
     args = ap.parse_args(argv)
@@ -177,8 +177,7 @@ def main(argv=None) -> dict:
     from invint_hub import space
     from invint_hub.pipeline import embedded_pipelines
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     if args.random_from_config:
         model = str(random_pipeline(args.random_from_config, tempfile.mkdtemp(prefix="bench_pipe_")))
     else:

@@ -440,11 +440,14 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(registry):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as app.py does
     demo = app.build_demo(registry)
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
                 **app.launch_options())
     yield demo
     demo.close()
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
