@@ -283,12 +283,6 @@ class SpaceApp:
         return (imgs[0], imgs[1], imgs[2], self._label(pipe, a.probs[0]), self._label(pipe, a.probs[1]),
                 self._label(pipe, a.probs[2]), grid, summary)
 
-    # --- sketch preview -------------------------------------------------------------------
-    def preview_sketch(self, model: str, sketch: Any):
-        e = self.registry.get(model)
-        img = space.sketch_to_image(sketch, e.domain, e.pipe.channels)  # type: ignore[union-attr]
-        return space.tensor_images(e.pipe.preprocess(img))[0]  # type: ignore[union-attr]
-
 
 def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concurrency: int = 4) -> gr.Blocks:
     """The Blocks app. ``models``: a registry, or extra model names besides the embedded pipelines.
@@ -521,7 +515,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def models_from(args: argparse.Namespace) -> list[str]:
     env = os.environ.get("INVINT_MODELS", "")
-    return [m for m in args.model + env.replace(";", ",").split(",") if m.strip()]
+    return [m.strip() for m in args.model + env.replace(";", ",").split(",") if m.strip()]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -533,8 +527,8 @@ def main(argv: list[str] | None = None) -> None:
         registry = space.ModelRegistry(models, include_embedded=not args.no_embedded, per_model_limit=args.per_model,
                                        examples_per_model=args.examples)
         if models:  # an explicitly named model comes first
-            registry.names.remove(models[0].strip())
-            registry.names.insert(0, models[0].strip())
+            registry.names.remove(models[0])
+            registry.names.insert(0, models[0])
         demo = build_demo(registry, max_concurrency=args.concurrency)
     except ValueError as e:
         sys.exit(f"app.py: {space.one_line(e)}")

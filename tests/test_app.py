@@ -1,6 +1,5 @@
 """The Gradio Space: input conversion, handlers, bad input, and the running server through gradio_client."""
 import base64
-import io
 import json
 import shutil
 import socket
@@ -416,7 +415,7 @@ def test_examples_from_the_local_test_split(tiny_pipeline_dir, tmp_path):
 
 def test_models_from_cli_and_environment(monkeypatch):
     monkeypatch.setenv("INVINT_MODELS", "org/a, ./b;org/c")
-    assert app.models_from(app.parse_args(["--model", "x/y"])) == ["x/y", "org/a", " ./b", "org/c"]
+    assert app.models_from(app.parse_args(["--model", "x/y"])) == ["x/y", "org/a", "./b", "org/c"]
 
 
 def test_example_selection(space_app, registry):
@@ -549,15 +548,21 @@ def test_concurrent_clients_get_no_errors(server, registry, example):
 
 
 @pytest.mark.slow
-def test_app_script_starts_offline(tiny_pipeline_dir):
+@pytest.mark.parametrize("embedded", [True, False], ids=["plain", "local-model"])
+def test_app_script_starts_offline(tiny_pipeline_dir, embedded):
+    """``python app.py`` serves the embedded default with no network; ``--model DIR`` serves a local folder."""
+    from invint_hub.pipeline import embedded_pipelines
+
+    if embedded and not embedded_pipelines():
+        pytest.skip("no embedded pipeline in invint_hub/pretrained yet")
     port = free_port()
+    args = [] if embedded else ["--no-embedded", "--model", str(tiny_pipeline_dir), "--examples", "2"]
     env = dict(__import__("os").environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--no-embedded", "--model", str(tiny_pipeline_dir),
-                             "--port", str(port), "--examples", "2"], cwd=ROOT, env=env,
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         t0 = time.perf_counter()
-        while time.perf_counter() - t0 < 120:
+        while time.perf_counter() - t0 < 180:
             if proc.poll() is not None:
                 pytest.fail(f"app.py exited: {proc.stdout.read()[-2000:]}")
             try:
@@ -566,7 +571,11 @@ def test_app_script_starts_offline(tiny_pipeline_dir):
             except OSError:
                 time.sleep(0.3)
         else:
-            pytest.fail("app.py did not start within 120 s")
+            pytest.fail("app.py did not start within 180 s")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/config", timeout=30) as r:
+            config = r.read().decode()
+        expected = f"{embedded_pipelines()[0]} (embedded)" if embedded else tiny_pipeline_dir.name
+        assert expected in config
     finally:
         proc.terminate()
         proc.wait(timeout=30)
