@@ -33,6 +33,7 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -40,7 +41,6 @@ from typing import Callable
 import torch
 
 from invint_hub.cinn import ConditionalINN
-from invint_hub.flows import ActNorm
 
 SIZES: dict[str, dict] = {
     # the embedded MNIST pipeline's cINNs (configs/mnist.yaml): fc (128) and conv1 (32x16x16) layers
@@ -330,7 +330,8 @@ def bench_train(device: torch.device, batches: list[int], paths: list[str], repe
             sec = median(t[path])
             tflops = flops / sec / 1e12
             rows.append(dict(device=device.type, batch=batch, path=path, repeats=repeats, ms=1e3 * sec,
-                             steps_per_s=1 / sec, tflops=tflops, ops=ops[path], peak_pct=100 * tflops / peak if peak else None,
+                             steps_per_s=1 / sec, tflops=tflops, ops=ops[path],
+                             peak_pct=100 * tflops / peak if peak else None,
                              dtype=dtype_name(path),
                              speedup=median(t["plain"]) / sec if "plain" in t else None,
                              cpu_ms=1e3 * median(c[path]),
@@ -490,7 +491,8 @@ def tables(results: dict) -> str:
                 continue
             out.append(f"| {r['device']} | {r['batch']} | {r['path']} | {r['dtype']} | {_f(r['ms'])} | "
                        f"{_f(r['steps_per_s'], 3)} | {_f(r['tflops'], 3)} | {_f(r['peak_pct'], 1)} | "
-                       f"{_f(r['speedup'])}x | {_f(r['cpu_ms'])} | {_f(r['cpu_speedup'])}x | {r['ops']} | {r['repeats']} |")
+                       f"{_f(r['speedup'])}x | {_f(r['cpu_ms'])} | {_f(r['cpu_speedup'])}x | {r['ops']} | "
+                       f"{r['repeats']} |")
         out += ["", "ops/step: kernel-launching aten ops of one training step (forward, backward, optimizer), "
                     "counted eagerly on a model of the same structure; a proxy for kernel launches.", ""]
     if results.get("sample"):
@@ -503,11 +505,13 @@ def tables(results: dict) -> str:
                        f"{_f(r['cpu_speedup'])}x | {r['repeats']} |")
         out.append("")
     for p in results.get("parity", []):
-        out += [f"### NLL parity ({p['device']}, model '{p['size']}' {p['params'] / 1e6:.2f} M params, {p['steps']} steps, "
+        out += [f"### NLL parity ({p['device']}, model '{p['size']}' {p['params'] / 1e6:.2f} M params, "
+                f"{p['steps']} steps, "
                 f"batch {p['batch']}, lr {p['lr']}, window {p['window']} steps)", "",
                 "| run | NLL first window | NLL last window | curve (every 1/8) |", "|---|---|---|---|"]
         for k in ("plain", "fast", "seed2"):
-            name = {"plain": "plain, seed 1", "fast": f"{p['fast_path']}, seed 1", "seed2": f"{p['noise_path']}, seed 2"}[k]
+            name = {"plain": "plain, seed 1", "fast": f"{p['fast_path']}, seed 1",
+                    "seed2": f"{p['noise_path']}, seed 2"}[k]
             out.append(f"| {name} | {_f(p['curve_points'][k][0], 3)} | {_f(p['final'][k], 3)} | "
                        f"{' '.join(str(x) for x in p['curve_points'][k])} |")
         verdict = "PASS" if p["passed"] else "FAIL"
@@ -516,6 +520,8 @@ def tables(results: dict) -> str:
                     f"({p['seconds']:.0f} s)", ""]
     for dev in results.get("skipped", []):
         out += [f"CUDA: not run ({dev}).", ""]
+    for err in results.get("errors", []):
+        out += [f"ERROR in {err}", ""]
     return "\n".join(out)
 
 
@@ -538,11 +544,13 @@ def environment(devices: list[torch.device]) -> dict:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--devices", default="auto", help="'auto' (cpu, plus cuda when present), 'cpu', 'cuda' or 'cpu,cuda'")
+    p.add_argument("--devices", default="auto",
+                   help="'auto' (cpu, plus cuda when present), 'cpu', 'cuda' or 'cpu,cuda'")
     p.add_argument("--sections", default="demo,train,sample,parity")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
     p.add_argument("--batches", default="16,256,1024")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default: cpu 21 demo / 2 train+sample, cuda 50)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed repeats (default: cpu 21 demo / 2 train+sample, cuda 50)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: cpu 3 demo / 1, cuda 5)")
     p.add_argument("--demo-sizes", default="mnist-flat,mnist-spatial,paper")
     p.add_argument("--paths", default="plain,fast,fast-bf16", help=f"train/sample paths, from {list(PATHS)}")
@@ -599,47 +607,63 @@ def main(argv=None) -> dict:
     if set(demo_sizes) - set(SIZES):
         raise SystemExit(f"unknown --demo-sizes {sorted(set(demo_sizes) - set(SIZES))}; known: {list(SIZES)}")
     devices, skipped = resolve_devices(args.devices)
-    results: dict = {"env": environment(devices), "skipped": skipped, "demo": [], "train": [], "sample": [], "parity": []}
+    if "parity" in sections and args.parity_steps is not None and args.parity_steps < 8:
+        raise SystemExit("--parity-steps must be at least 8")
+    results: dict = {"env": environment(devices), "skipped": skipped, "errors": [],
+                     "demo": [], "train": [], "sample": [], "parity": []}
+
+    def save() -> None:  # after every section, so a run cut short still leaves its tables
+        env = results["env"]
+        header = (f"Card: {env.get('gpu', 'none (CPU only)')}; CPU: {env['cpu']}, {env['threads']} torch threads; "
+                  f"torch {env['torch']}; {env['date']}\n\nCommand: `{env['command']}`\n")
+        if args.markdown:
+            Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.markdown).write_text(header + "\n" + tables(results) + "\n")
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+
     for device in devices:
         cuda = device.type == "cuda"
         reps = args.repeats or (50 if cuda else None)
         warm = args.warmup if args.warmup is not None else (5 if cuda else None)
-        if "demo" in sections:
-            results["demo"] += bench_demo(device, reps or 21, warm if warm is not None else 3, demo_sizes)
-            print(tables({"demo": [r for r in results["demo"] if r["device"] == device.type]}), flush=True)
-        if "train" in sections:
-            peak = bf16_peak(device, args.peak_tflops)
-            results["train"] += bench_train(device, batches, paths, reps or 2, warm if warm is not None else 1,
-                                            args.big_batch or None, peak)
-            print(tables({"train": [r for r in results["train"] if r["device"] == device.type]}), flush=True)
-        if "sample" in sections:
-            results["sample"] += bench_sample(device, batches, paths, reps or 2, warm if warm is not None else 1)
-            print(tables({"sample": [r for r in results["sample"] if r["device"] == device.type]}), flush=True)
-        if "parity" in sections:
-            size = args.parity_size or ("paper" if cuda else "small")
-            parity_path = args.parity_path or ("fast-bf16" if cuda else "fast")
-            steps = args.parity_steps or (2000 if cuda else 300)
-            if steps < 8:
-                raise SystemExit("--parity-steps must be at least 8")
-            p = bench_parity(device, size, steps, args.parity_batch or (16 if cuda else 64),
-                             args.parity_lr or (PAPER_LR if size == "paper" else 5e-4), parity_path,
-                             args.parity_window or max(1, steps // 20),
-                             args.parity_noise_path or (parity_path if cuda else "plain"))
-            results["parity"].append(p)
-            print(tables({"parity": [p]}), flush=True)
+        for section in ("demo", "train", "sample", "parity"):
+            if section not in sections:
+                continue
+            try:
+                if section == "demo":
+                    rows = bench_demo(device, reps or 21, warm if warm is not None else 3, demo_sizes)
+                elif section == "train":
+                    rows = bench_train(device, batches, paths, reps or 2, warm if warm is not None else 1,
+                                       args.big_batch or None, bf16_peak(device, args.peak_tflops))
+                elif section == "sample":
+                    rows = bench_sample(device, batches, paths, reps or 2, warm if warm is not None else 1)
+                else:
+                    size = args.parity_size or ("paper" if cuda else "small")
+                    parity_path = args.parity_path or ("fast-bf16" if cuda else "fast")
+                    steps = args.parity_steps or (2000 if cuda else 300)
+                    rows = [bench_parity(device, size, steps, args.parity_batch or (16 if cuda else 64),
+                                         args.parity_lr or (PAPER_LR if size == "paper" else 5e-4), parity_path,
+                                         args.parity_window or max(1, steps // 20),
+                                         args.parity_noise_path or (parity_path if cuda else "plain"))]
+            except Exception as e:  # report it and go on with the next section (device time is scarce)
+                if not cuda:
+                    raise
+                traceback.print_exc()
+                results["errors"].append(f"{device.type} {section}: {type(e).__name__}: {e}")
+                save()
+                continue
+            results[section] += rows
+            print(tables({section: rows}), flush=True)
+            save()
     env = results["env"]
-    header = (f"Card: {env.get('gpu', 'none (CPU only)')}; CPU: {env['cpu']}, {env['threads']} torch threads; "
-              f"torch {env['torch']}; {env['date']}\n\nCommand: `{env['command']}`\n")
-    print(header)
-    for s in skipped:
-        print(f"CUDA: not run ({s}).")
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(header + "\n" + tables(results) + "\n")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    print(f"Card: {env.get('gpu', 'none (CPU only)')}; CPU: {env['cpu']}, {env['threads']} torch threads; "
+          f"torch {env['torch']}; {env['date']}\nCommand: `{env['command']}`")
+    for reason in skipped:
+        print(f"CUDA: not run ({reason}).")
+    for err in results["errors"]:
+        print(f"ERROR in {err}")
+    save()
     return results
-
 
 if __name__ == "__main__":
     main()

@@ -359,7 +359,8 @@ class Flow(nn.Module):
         packed = None
         if (cpu_inference and n_layers > 1 and hid >= ONEDNN_MIN_WIDTH
                 and w0.dtype in (torch.float32, torch.bfloat16) and _onednn_linear_available()):
-            packed = [[(_reorder(w[0]), _reorder(w[1]), b[0, :, 0], b[1, :, 0]) for w, b in layers] for layers in hidden]
+            packed = [[(_reorder(w[0]), _reorder(w[1]), b[0, :, 0], b[1, :, 0]) for w, b in layers]
+                      for layers in hidden]
             hidden = [[] for _ in couplings]  # the pre-packed copies replace the stacked ones
         log_scale = torch.stack([b.norm.log_scale for b in self.blocks]).unsqueeze(2)  # (n, dim, 1)
         loc = torch.stack([b.norm.loc for b in self.blocks]).unsqueeze(2)
