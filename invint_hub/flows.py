@@ -288,6 +288,11 @@ class Flow(nn.Module):
         _drop_pack_cache(self)
         return super()._apply(fn, *args, **kwargs)
 
+    def __getstate__(self):  # copies and pickles leave the cache behind (it may hold opaque oneDNN tensors)
+        state = self.__dict__.copy()
+        state["_pack_cache"] = state["_pack_params"] = None
+        return state
+
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
         if self.fast_path and self._fast_ready():
             return self._fast_forward(x, cond)

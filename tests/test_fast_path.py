@@ -1,5 +1,6 @@
 """The fast path (issue 6): same parameters, same state dict, same numbers as the plain path."""
 import copy
+import io
 import json
 
 import pytest
@@ -91,6 +92,12 @@ def test_cpu_inference_with_prepacked_wide_subnets(dtype):
     tol = RTOL if dtype is None else 2e-2
     assert rel(out, ref) < tol and rel(out2, ref) < tol and rel(ld, ld_ref) < tol
     assert rel(fwd1, fwd) < tol and rel(fld1, fld) < tol
+    # copies and pickles leave the cache (opaque oneDNN tensors) behind
+    copied = copy.deepcopy(fast)
+    assert copied._pack_cache is None and rel(copied.eval().inverse(y, c)[0], out) < RTOL
+    buf = io.BytesIO()
+    torch.save(fast.state_dict(), buf)
+    torch.save(fast, io.BytesIO())
     # narrow subnets never take the pre-packed route
     narrow = _randomized_flow(8, 3, hidden=64).eval()
     fast_narrow = set_fast_path(copy.deepcopy(narrow), dtype=dtype)
@@ -332,6 +339,28 @@ def test_options_and_context_manager():
     x = torch.randn(3, 4)
     y, ld = empty(x)
     assert torch.equal(y, x) and torch.equal(ld, torch.zeros(3))
+
+
+def test_trained_pipeline_on_the_fast_path(tiny_pipeline_dir):
+    """cINNs trained and saved by the real training command give the same samples and NLL on the fast path."""
+    from invint_hub.pipeline import InvariancePipeline
+
+    pipe = InvariancePipeline.from_pretrained(tiny_pipeline_dir)
+    images = torch.rand(3, pipe.channels, pipe.image_size, pipe.image_size) * 2 - 1
+    for layer in pipe.layers:  # a spatial (conv1) and a flat (logits) condition
+        t = pipe.cinns[layer]
+        x = pipe.preprocess(images)
+        zbar, z = pipe.autoencoder.encode(x).mode(), pipe.backbone.representation(x, layer)
+        plain = pipe.sample_invariances(images, layer, n=4, seed=0)
+        nll = t.nll(zbar, z).detach()
+        t.fast(True)
+        try:
+            fast = pipe.sample_invariances(images, layer, n=4, seed=0)
+            assert fast.shape == plain.shape == (3, 4, pipe.channels, pipe.image_size, pipe.image_size)
+            assert (fast - plain).abs().max() < 1e-4
+            assert rel(t.nll(zbar, z).detach(), nll) < RTOL
+        finally:
+            t.fast(False)
 
 
 # ---- the benchmark command --------------------------------------------------------------------
