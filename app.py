@@ -50,6 +50,7 @@ footer { display: none !important; }
 """
 COMPUTE = dict(concurrency_id="models")  # every model computation goes through one queue group
 EXAMPLE_PAIRS = [(0, 1), (2, 3), (4, 7), (5, 6), (8, 9), (1, 7)]
+MAX_CONCEPT_SLIDERS = 6
 
 
 def safe_preprocess(payload: Any):
@@ -283,6 +284,92 @@ class SpaceApp:
         return (imgs[0], imgs[1], imgs[2], self._label(pipe, a.probs[0]), self._label(pipe, a.probs[1]),
                 self._label(pipe, a.probs[2]), grid, summary)
 
+    # --- Concepts ---------------------------------------------------------------------------
+    def concept_intro(self, name: str | None) -> str:
+        """What the Concepts tab can do with ``name`` (and where to go if it has no concept model)."""
+        e = self.registry.get(name)
+        c = e.pipe.concepts  # type: ignore[union-attr]
+        if c is None:
+            others = [n for n in self.registry.concept_models() if n != e.name]
+            hint = (f" Pick **{others[0]}** in the Model menu (or click the button below)." if others else
+                    " Train one with `python -m invint_hub.train concepts --config configs/colormnist.yaml`.")
+            return f"**{e.label}** has no concept model e.{hint}"
+        sizes = ", ".join(f"`{n}` ({s} dims)" for n, s in zip(c.factor_names, c.factor_sizes))
+        return (f"The concept INN e splits the autoencoder code of **{e.label}** into factors: {sizes}. "
+                "**Transfer** takes one concept from the source image; **Edit** walks along a concept's factor.")
+
+    def concept_switch(self, name: str | None):
+        """(label, target model) of the 'switch to a model with concepts' button; target None when not needed."""
+        e = self.registry.get(name)
+        others = [n for n in self.registry.concept_models() if n != e.name]
+        if e.pipe.concepts is not None or not others:  # type: ignore[union-attr]
+            return None
+        return others[0]
+
+    def concept_sliders(self, name: str | None) -> list[str]:
+        """Slider labels of ``name``'s concepts (at most MAX_CONCEPT_SLIDERS)."""
+        c = self.registry.get(name).pipe.concepts  # type: ignore[union-attr]
+        return [] if c is None else c.concept_names[:MAX_CONCEPT_SLIDERS]
+
+    def transfer(self, model: str, target: Any, source: Any, amount: float = 1.0):
+        """-> grid (target with each concept of the source, and source with the target's), summary."""
+        if target is None or source is None:
+            raise ValueError("concept transfer needs two images: give both the target and the source")
+        with self.registry.use(model) as e:
+            pipe = e.pipe
+            xt, _ = space.prepare_input(pipe, target, convert=False, domain=e.domain)
+            xs, _ = space.prepare_input(pipe, source, convert=False, domain=e.domain)
+            t = space.concept_transfer(pipe, xt, xs, float(amount))
+        name = functools.partial(space.class_name, pipe)
+        rows = [[t.x[0], t.x[1]] + list(t.rows[0]), [t.x[1], t.x[0]] + list(t.rows[1])]
+        caps = [[name(t.pred[0]), name(t.pred[1])] + [name(c) for c in t.row_pred[0]],
+                [name(t.pred[1]), name(t.pred[0])] + [name(c) for c in t.row_pred[1]]]
+        grid = space.compose_grid(rows, ["target ← source", "source ← target"], ["image", "concept from"] + t.concepts,
+                                  caps, cell=80)
+        summary = (
+            f"Column *c*: the row's image with concept *c* set to the other image's (amount {t.amount:g}; 0 = unchanged, "
+            "1 = full transfer): D(e⁻¹(e(E(x)) with e_c ← e_c(other))). Everything else of the image (the other concepts "
+            "and the residual) stays. Captions: the classifier's prediction."
+        )
+        return grid, summary
+
+    def edit(self, model: str, image: Any, seed: float, *amounts: float):
+        """-> edited image, grid (one row per concept, walking -3..3), summary."""
+        with self.registry.use(model) as e:
+            pipe = e.pipe
+            x, _ = space.prepare_input(pipe, image, convert=False, domain=e.domain)
+            names = self.concept_sliders(model)
+            if not names:
+                raise ValueError(self.concept_intro(model).replace("**", ""))
+            r = space.concept_edit(pipe, x, dict(zip(names, amounts)), int(seed))
+        name = functools.partial(space.class_name, pipe)
+        rows = [list(w) for w in r.walks]
+        caps = [[name(c) for c in p] for p in r.walk_pred]
+        grid = space.compose_grid(rows, r.concepts, [f"{a:+g}" for a in r.steps], caps, cell=72,
+                                  highlight=[[c != r.pred[1] for c in p] for p in r.walk_pred])
+        moved = ", ".join(f"`{c}` {a:+g}" for c, a in r.amounts.items() if a) or "nothing (all sliders at 0)"
+        summary = (
+            f"Edited: {moved} (in prior standard deviations, along a direction inside each factor drawn with seed "
+            f"{int(seed)}). Prediction: input **{name(r.pred[0])}**, reconstruction **{name(r.pred[1])}**, edited "
+            f"**{name(r.pred[2])}**.  \nBelow: each concept alone, from -3 to +3; orange frames: class differs from the "
+            "reconstruction's."
+        )
+        return space.tensor_images(r.edited)[0], grid, summary
+
+    def concept_layers(self, model: str):
+        """-> Markdown table: share of each concept's variance that each layer's representation fixes."""
+        with self.registry.use(model) as e:
+            pipe = e.pipe
+            if pipe.concepts is None:
+                raise ValueError(self.concept_intro(model).replace("**", ""))
+            table = space.concept_layers(pipe)
+        names = pipe.concepts.factor_names
+        lines = ["| layer | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        lines += [f"| `{l}` | " + " | ".join(f"{100 * table[l][c]:.0f}%" for c in names) + " |" for l in pipe.layers]
+        return ("Share of each concept's variance that the layer's representation z fixes (the paper's Fig. 4): "
+                "100% = the layer encodes the concept, 0% = it is invariant to it. 64 images the pipeline generates, "
+                "8 samples of v each.\n\n" + "\n".join(lines))
+
 
 def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concurrency: int = 4) -> gr.Blocks:
     """The Blocks app. ``models``: a registry, or extra model names besides the embedded pipelines.
@@ -415,6 +502,55 @@ def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concur
                         adv_img = gr.Image(label="What each layer sees", show_label=False, format="png", interactive=False,
                                            elem_id="adv-grid", buttons=["download", "fullscreen"])
 
+            # ---------------------------------------------------------------- Concepts
+            with gr.Tab("Concepts", id="concepts"):
+                concept_md = gr.Markdown(app.concept_intro(default), elem_id="concept-intro")
+                switch_to = app.concept_switch(default)
+                switch = gr.Button(f"Switch to {switch_to}" if switch_to else "", visible=switch_to is not None,
+                                   size="sm", elem_id="concept-switch")
+                gr.Markdown("### Transfer: give the target one concept of the source")
+                with gr.Row():
+                    c_target = SafeImage(sources=["upload", "clipboard"], label="Target", height=200, format="png",
+                                         elem_classes="input-image", elem_id="concept-target")
+                    c_source = SafeImage(sources=["upload", "clipboard"], label="Source (gives the concept)", height=200,
+                                         format="png", elem_classes="input-image", elem_id="concept-source")
+                    with gr.Column():
+                        c_amount = gr.Slider(0.0, 1.5, value=1.0, step=0.05, label="Amount",
+                                             info="0 = the target as it is, 1 = the source's value of the concept")
+                        run_transfer = gr.Button("Transfer concepts", variant="primary", elem_id="run-transfer")
+                        c_pairs = gr.Dataset(components=[gr.Image(visible=False, format="png"),
+                                                         gr.Image(visible=False, format="png")],
+                                             samples=pairs, type="index", label="Example pairs (click to run)",
+                                             layout="table", samples_per_page=6, elem_id="concept-examples")
+                transfer_md = gr.Markdown()
+                transfer_img = gr.Image(label="Concept transfer", show_label=False, format="png", interactive=False,
+                                        elem_id="transfer-grid", buttons=["download", "fullscreen"])
+                gr.Markdown("### Edit: move the image along each concept")
+                slider_names = app.concept_sliders(default)
+                with gr.Row():
+                    with gr.Column(scale=1, min_width=260):
+                        c_image = SafeImage(sources=["upload", "clipboard"], label="Image", height=200, format="png",
+                                            elem_classes="input-image", elem_id="concept-image")
+                        c_sliders = [gr.Slider(-3.0, 3.0, value=0.0, step=0.25,
+                                               label=slider_names[i] if i < len(slider_names) else f"concept {i}",
+                                               visible=i < len(slider_names), elem_id=f"concept-slider-{i}")
+                                     for i in range(MAX_CONCEPT_SLIDERS)]
+                        c_seed = gr.Number(0, precision=0, minimum=0, label="Direction seed",
+                                           info="each concept moves along a seeded direction inside its factor")
+                        run_edit = gr.Button("Edit", variant="primary", elem_id="run-edit")
+                        c_examples = gr.Dataset(components=[gr.Image(visible=False, format="png")], samples=ex,
+                                                type="index", label="Examples (click to run)", samples_per_page=12,
+                                                layout="gallery", elem_id="concept-image-examples")
+                    with gr.Column(scale=3):
+                        edited = gr.Image(label="Edited", format="png", height=160, interactive=False,
+                                          elem_classes="pixelated", buttons=[], elem_id="edited")
+                        edit_md = gr.Markdown(elem_id="edit-summary")
+                        walk_img = gr.Image(label="Each concept from -3 to +3", format="png", interactive=False,
+                                            elem_id="walk-grid", buttons=["download", "fullscreen"])
+                with gr.Accordion("Which concepts does each layer encode?", open=False):
+                    run_layers = gr.Button("Measure (about a second per layer)", elem_id="run-concept-layers")
+                    layers_md = gr.Markdown(elem_id="concept-layers")
+
             with gr.Tab("About", id="about"):
                 gr.Markdown(ABOUT)
 
@@ -450,6 +586,18 @@ def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concur
                             api_visibility="private", queue=False)
          .success(ui_errors(app.mix), [model, img_a, img_b, mix_convert], [mix_img, mix_md], api_visibility="private", **go))
 
+        transfer_in = [model, c_target, c_source, c_amount]
+        run_transfer.click(ui_errors(app.transfer), transfer_in, [transfer_img, transfer_md], api_name="transfer", **go)
+        (c_pairs.click(lambda m, i: (pick(m, i, 0), pick(m, i, 1)), [model, c_pairs], [c_target, c_source],
+                       api_visibility="private", queue=False)
+         .success(ui_errors(app.transfer), transfer_in, [transfer_img, transfer_md], api_visibility="private", **go))
+        edit_in = [model, c_image, c_seed, *c_sliders]
+        run_edit.click(ui_errors(app.edit), edit_in, [edited, walk_img, edit_md], api_name="edit", **go)
+        (c_examples.click(pick, [model, c_examples], c_image, api_visibility="private", queue=False)
+         .success(ui_errors(app.edit), edit_in, [edited, walk_img, edit_md], api_visibility="private", **go))
+        run_layers.click(ui_errors(app.concept_layers), model, layers_md, api_name="concept_layers", **go)
+        switch.click(lambda m: app.concept_switch(m) or m, model, model, api_visibility="private", queue=False)
+
         @ui_errors
         def select_model(name: str):
             """Load the chosen pipeline; update layers, examples and the domain switch."""
@@ -467,11 +615,20 @@ def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concur
                 *(gr.Checkbox(value=digit, visible=digit) for _ in range(3)),
                 gr.BarPlot(sort=layers_),
                 gr.BarPlot(sort=layers_),
+                app.concept_intro(name),
+                gr.Button(value=f"Switch to {target}" if (target := app.concept_switch(name)) else "",
+                          visible=target is not None),
+                gr.Dataset(samples=pairs_),
+                gr.Dataset(samples=ex_),
+                "",
+                *(gr.Slider(label=names[i] if i < len(names) else f"concept {i}", visible=i < len(names), value=0.0)
+                  for names in [app.concept_sliders(name)] for i in range(MAX_CONCEPT_SLIDERS)),
             )
 
         model.change(select_model, model,
                      [info, layer, examples, adv_examples, mix_examples, convert, mix_convert, adv_convert,
-                      var_plot, agree_plot], api_name="select_model", concurrency_id="load", concurrency_limit=1)
+                      var_plot, agree_plot, concept_md, switch, c_pairs, c_examples, layers_md, *c_sliders],
+                     api_name="select_model", concurrency_id="load", concurrency_limit=1)
     demo.queue(max_size=256, default_concurrency_limit=max_concurrency)
     return demo
 
@@ -487,6 +644,9 @@ ABOUT = """
 * **Adversarial**: FGSM (cross-entropy w.r.t. the predicted class, one signed gradient step of size ε, clamped to [-1, 1])
   and a random-sign control of the same ε. Each layer's view decodes the layer's representation of the perturbed image
   with the original image's invariances.
+* **Concepts** (pipelines with a concept INN e, e.g. the embedded colormnist): e splits the autoencoder code into
+  semantic factors (for ColorMNIST: digit, foreground colour, background colour, residual), learned from pairs of
+  images that share one concept. *Transfer* swaps one factor between two images; *Edit* moves along a factor.
 
 Everything runs on your machine's CPU; the embedded pipeline needs no network. Code: invint_hub (`python app.py --help`).
 """

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -504,6 +504,22 @@ def edit(pipe, images, concept: str | int, amount: float, direction: torch.Tenso
         d[sl] = direction / direction.norm()
     code = e(pipe.encode(images))[0]
     return pipe.decode(e.inverse(code + float(amount) * d.to(code)))
+
+
+@torch.no_grad()
+def edit_many(pipe, images, amounts: Mapping[str | int, float], seed: int = 0) -> torch.Tensor:
+    """Several concepts at once (one slider per concept): D(e^-1(e(E(x)) + sum_c amount_c d_c)).
+
+    ``d_c`` is ``concept_direction(e, c, seed)``, so ``edit_many(p, x, {c: a}, s)`` equals ``edit(p, x, c, a, seed=s)``.
+    """
+    e = _model(pipe)
+    shift = torch.zeros(e.dim)
+    for concept, amount in amounts.items():
+        if not math.isfinite(float(amount)):
+            raise ValueError(f"amount of {concept!r} must be a finite number, got {amount}")
+        shift += float(amount) * concept_direction(e, concept, seed)
+    code = e(pipe.encode(images))[0]
+    return pipe.decode(e.inverse(code + shift.to(code)))
 
 
 @torch.no_grad()

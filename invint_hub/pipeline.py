@@ -294,6 +294,10 @@ class InvariancePipeline:
         unless ``direction`` is given): (B, C, S, S) in [-1, 1]."""
         return _concepts.edit(self, image, concept, amount, direction, seed)
 
+    def edit_many(self, image: ImageLike, amounts: dict, seed: int = 0) -> torch.Tensor:
+        """Move several concepts at once, ``{concept: amount}`` (one slider per concept): (B, C, S, S) in [-1, 1]."""
+        return _concepts.edit_many(self, image, amounts, seed)
+
     def concept_variance_explained(self, layer: str, images: ImageLike | None = None, n: int = 16, seed: int | None = 0) -> dict[str, float]:
         """Share of each concept's variance (and the residual's) that z = Phi(x) at ``layer`` explains (ECCV Fig. 4).
 

@@ -4,8 +4,8 @@
   input domain (MNIST-style digits: white on black, centred in a 20x20 box of 28x28);
 * a registry of pipelines (embedded, local folders, Hub repos) loaded on demand, each with
   its own concurrency slots and example images made at start-up;
-* the computations of the four views (interpret, layer sweep, mix, adversarial), batched so
-  that one request is one pass through each network;
+* the computations of the views (interpret, layer sweep, mix, adversarial, concept transfer and
+  edit), batched so that one request is one pass through each network;
 * rendering of labelled image grids.
 
 Every function refuses bad input with a one-line ``ValueError``.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import math
 import tempfile
 import threading
@@ -26,11 +27,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
+from . import concepts as _concepts
 from .attacks import fgsm, sign_noise
 from .images import open_image, to_pil, to_rgb
-from .pipeline import InvariancePipeline, embedded_pipelines, resolve_pipeline_dir
+from .pipeline import PIPELINE_FILE, InvariancePipeline, embedded_pipelines, resolve_pipeline_dir
 
-DIGIT_DATASETS = ("mnist", "colormnist", "emnist", "kmnist", "qmnist")
+# MNIST-style grey digits; ColorMNIST is not one (its colours are concepts: uploads keep them, as photos)
+DIGIT_DATASETS = ("mnist", "emnist", "kmnist", "qmnist")
 DOMAINS = ("digit", "photo")
 MNIST_BOX, MNIST_SIZE = 20, 28  # MNIST digits: fitted into 20x20, centred by mass in 28x28
 MAX_SAMPLES = 64
@@ -326,6 +329,23 @@ class ModelRegistry:
                 entry.pipe = pipe
         return entry
 
+    def has_concepts(self, name: str) -> bool:
+        """Whether ``name`` has a concept model: from the loaded pipeline, else from a local ``pipeline.json``
+        (embedded or a folder; Hub models are not downloaded to find out)."""
+        entry = self._entries.get(name)
+        if entry is None:
+            return False
+        if entry.pipe is not None:
+            return entry.pipe.concepts is not None
+        try:
+            root = resolve_pipeline_dir(name) if name in embedded_pipelines() or Path(name).exists() else None
+            return bool(root and json.loads((root / PIPELINE_FILE).read_text()).get("concepts"))
+        except (OSError, ValueError):
+            return False
+
+    def concept_models(self) -> list[str]:
+        return [n for n in self.names if self.has_concepts(n)]
+
     @contextlib.contextmanager
     def use(self, name: str | None) -> Iterator[ModelEntry]:
         """Load ``name`` and hold one of its concurrency slots while computing."""
@@ -575,6 +595,105 @@ def adversarial(pipe: InvariancePipeline, x: torch.Tensor, eps: float = 0.1, see
 
 
 # ---------------------------------------------------------------------------------------
+# concepts (pipelines with an interpretation INN e)
+# ---------------------------------------------------------------------------------------
+EDIT_STEPS = (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0)
+
+
+def _concept_model(pipe: InvariancePipeline):
+    if pipe.concepts is None:
+        raise ValueError("this pipeline has no concept model e; pick one that has (e.g. the embedded colormnist)")
+    return pipe.concepts
+
+
+@dataclass
+class ConceptTransfer:
+    """Each concept of the source put into the target (row 0) and of the target into the source (row 1)."""
+
+    concepts: list[str]  # the columns: each concept, then all of them together
+    amount: float
+    x: torch.Tensor  # (2, C, S, S): target, source
+    pred: list[int]
+    rows: torch.Tensor  # (2, len(concepts), C, S, S)
+    row_pred: list[list[int]]
+
+
+@torch.inference_mode()
+def concept_transfer(pipe: InvariancePipeline, target: torch.Tensor, source: torch.Tensor, amount: float = 1.0) -> ConceptTransfer:
+    e = _concept_model(pipe)
+    try:
+        amount = float(amount)
+    except (TypeError, ValueError):
+        raise ValueError(f"amount must be a number, got {amount!r}") from None
+    if not -1.0 <= amount <= 2.0:
+        raise ValueError(f"amount must lie in [-1, 2] (0 = no change, 1 = full transfer), got {amount}")
+    names = e.concept_names
+    columns: list = list(names) + ([list(names)] if len(names) > 1 else [])
+    x = torch.cat([target, source])
+    zbar = torch.cat([_concepts.transfer_latents(pipe, torch.cat([target, source]), torch.cat([source, target]), c, amount)
+                      for c in columns])  # (len(columns) * 2, latent): per column, target row then source row
+    dec = pipe.decode(zbar)
+    preds = pipe.backbone(torch.cat([x, dec])).argmax(1).tolist()
+    k = len(columns)
+    rows = dec.view(k, 2, *dec.shape[1:]).transpose(0, 1)
+    row_pred = [[preds[2 + 2 * j + i] for j in range(k)] for i in range(2)]
+    labels = list(names) + (["all concepts"] if len(names) > 1 else [])
+    return ConceptTransfer(labels, amount, x, preds[:2], rows, row_pred)
+
+
+@dataclass
+class ConceptEdit:
+    """An image with every concept moved by its slider amount, and a walk along each concept alone."""
+
+    concepts: list[str]
+    amounts: dict[str, float]
+    x: torch.Tensor  # (1, C, S, S)
+    recon: torch.Tensor  # (1, C, S, S)
+    edited: torch.Tensor  # (1, C, S, S)
+    pred: list[int]  # input, reconstruction, edited
+    steps: tuple[float, ...]
+    walks: torch.Tensor  # (len(concepts), len(steps), C, S, S)
+    walk_pred: list[list[int]]
+
+
+@torch.inference_mode()
+def concept_edit(pipe: InvariancePipeline, x: torch.Tensor, amounts: dict[str, float], seed: int = 0,
+                 steps: tuple[float, ...] = EDIT_STEPS) -> ConceptEdit:
+    e = _concept_model(pipe)
+    try:
+        seed = int(seed)
+        amounts = {str(c): float(a) for c, a in amounts.items()}
+    except (TypeError, ValueError):
+        raise ValueError("seed and amounts must be numbers") from None
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    for c, a in amounts.items():
+        if c not in e.factor_names:
+            raise ValueError(f"unknown concept {c!r}; this model has {e.concept_names}")
+        if not -5.0 <= a <= 5.0:
+            raise ValueError(f"amount of {c!r} must lie in [-5, 5] prior standard deviations, got {a}")
+    names = e.concept_names
+    code = e(pipe.encode(x))[0]  # (1, dim)
+    dirs = torch.stack([_concepts.concept_direction(e, c, seed) for c in names]).to(code)  # (K, dim)
+    shift = sum((amounts.get(c, 0.0) * d for c, d in zip(names, dirs)), torch.zeros_like(code[0]))
+    walk = code + torch.tensor(steps).to(code)[None, :, None] * dirs[:, None, :]  # (K, n_steps, dim)
+    dec = pipe.decode(e.inverse(torch.cat([code, code + shift, walk.flatten(0, 1)])))
+    preds = pipe.backbone(torch.cat([x, dec])).argmax(1).tolist()
+    walks = dec[2:].view(len(names), len(steps), *dec.shape[1:])
+    walk_pred = [preds[3 + i * len(steps) : 3 + (i + 1) * len(steps)] for i in range(len(names))]
+    return ConceptEdit(names, amounts, x, dec[:1], dec[1:2], preds[:3], tuple(steps), walks, walk_pred)
+
+
+@torch.inference_mode()
+def concept_layers(pipe: InvariancePipeline, n_images: int = 64, n: int = 8, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Per layer, the share of each concept's variance that the layer's representation fixes (ECCV Fig. 4),
+    on ``n_images`` images the pipeline generates itself: {layer: {factor: share}}."""
+    _concept_model(pipe)
+    images = _concepts.sample_images(pipe, n_images, seed=seed)
+    return {l: pipe.concept_variance_explained(l, images, n=n, seed=seed) for l in pipe.layers}
+
+
+# ---------------------------------------------------------------------------------------
 # rendering
 # ---------------------------------------------------------------------------------------
 _FONTS: dict[int, Any] = {}
@@ -660,5 +779,5 @@ def class_name(pipe: InvariancePipeline, c: int) -> str:
 __all__ = [
     "load_image", "input_domain", "stroke_mask", "center_digit", "to_model_domain", "sketch_to_image",
     "prepare_input", "ModelRegistry", "ModelEntry", "build_examples", "interpret", "layer_sweep", "mix",
-    "adversarial", "compose_grid", "upscale", "one_line",
+    "adversarial", "concept_transfer", "concept_edit", "concept_layers", "compose_grid", "upscale", "one_line",
 ]

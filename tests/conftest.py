@@ -86,3 +86,30 @@ def tiny_pipeline_dir(tiny_config, tmp_path_factory):
     for stage in ("classifier", "autoencoder", "cinn"):
         main([stage, "--config", str(tiny_config), "--output-dir", str(out), "--quiet"])
     return out
+
+
+@pytest.fixture(scope="session")
+def concept_pipeline_dir(tiny_pipeline_dir, tiny_config, tmp_path_factory):
+    """The tiny pipeline plus a concept INN trained by `python -m invint_hub.train concepts` (class pairs)."""
+    import shutil
+
+    import yaml
+
+    from invint_hub.train import main
+
+    out = tmp_path_factory.mktemp("concept_pipeline")
+    shutil.copytree(tiny_pipeline_dir, out, dirs_exist_ok=True)
+    cfg = yaml.safe_load(tiny_config.read_text())
+    cfg["concepts"] = {"estimate_pairs": 64, "model": {"n_flows": 2, "hidden": 16, "depth": 1},
+                       "train": {"steps": 3, "batch_size": 8, "log_every": 1, "checkpoint_every": 1, "eval_samples": 32}}
+    path = out / "concepts.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    main(["concepts", "--config", str(path), "--output-dir", str(out), "--quiet"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def cpipe(concept_pipeline_dir):
+    from invint_hub.pipeline import InvariancePipeline
+
+    return InvariancePipeline.from_pretrained(concept_pipeline_dir)

@@ -52,9 +52,9 @@ def digit_copy(tiny_pipeline_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def registry(tiny_pipeline_dir, digit_copy, tmp_path_factory):
-    return ModelRegistry([str(tiny_pipeline_dir), str(digit_copy)], include_embedded=False, examples_per_model=4,
-                         example_dir=tmp_path_factory.mktemp("examples"))
+def registry(tiny_pipeline_dir, digit_copy, concept_pipeline_dir, tmp_path_factory):
+    return ModelRegistry([str(tiny_pipeline_dir), str(digit_copy), str(concept_pipeline_dir)], include_embedded=False,
+                         examples_per_model=4, example_dir=tmp_path_factory.mktemp("examples"))
 
 
 @pytest.fixture(scope="module")
@@ -429,6 +429,71 @@ def test_example_selection(space_app, registry):
 
 
 # ---------------------------------------------------------------------------------------
+# concepts tab
+# ---------------------------------------------------------------------------------------
+def test_concept_tab_knows_which_models_have_concepts(space_app, registry, concept_pipeline_dir):
+    cm = str(concept_pipeline_dir)
+    assert registry.concept_models() == [cm]
+    assert space_app.concept_switch(None) == cm and space_app.concept_switch(cm) is None
+    assert "no concept model" in space_app.concept_intro(None) and cm in space_app.concept_intro(None)
+    assert "`class`" in space_app.concept_intro(cm) and space_app.concept_sliders(cm) == ["class"]
+    assert space_app.concept_sliders(None) == []
+    with pytest.raises(ValueError, match="no concept model"):
+        space_app.transfer(None, registry.get(None).examples[0], registry.get(None).examples[1])
+
+
+def test_concept_transfer_matches_the_library_and_itself_changes_nothing(space_app, registry, concept_pipeline_dir):
+    from invint_hub.space import concept_transfer
+
+    cm = str(concept_pipeline_dir)
+    pipe = registry.get(cm).pipe
+    a, b = (pipe.preprocess(p) for p in registry.get(cm).examples[:2])
+    t = concept_transfer(pipe, a, b, 1.0)
+    assert t.concepts == ["class"] and t.rows.shape == (2, 1, *a.shape[1:])
+    assert torch.allclose(t.rows[0, 0], pipe.transfer(a, b, "class")[0], atol=1e-5)
+    assert torch.allclose(t.rows[1, 0], pipe.transfer(b, a, "class")[0], atol=1e-5)
+    same = concept_transfer(pipe, a, a, 1.0)
+    assert torch.allclose(same.rows[0, 0], pipe.reconstruct(a)[0], atol=1e-4)
+    grid, md = space_app.transfer(cm, registry.get(cm).examples[0], registry.get(cm).examples[1], 0.5)
+    assert isinstance(grid, Image.Image) and "amount 0.5" in md
+    with pytest.raises(ValueError, match="amount"):
+        concept_transfer(pipe, a, b, 7.0)
+    with pytest.raises(ValueError, match="two images"):
+        space_app.transfer(cm, None, registry.get(cm).examples[0])
+
+
+def test_concept_edit_handler(space_app, registry, concept_pipeline_dir):
+    from invint_hub.space import EDIT_STEPS, concept_edit
+
+    cm = str(concept_pipeline_dir)
+    pipe = registry.get(cm).pipe
+    x = pipe.preprocess(registry.get(cm).examples[0])
+    r = concept_edit(pipe, x, {"class": 0.0}, seed=0)
+    assert torch.allclose(r.edited, r.recon, atol=1e-5) and torch.allclose(r.recon, pipe.reconstruct(x), atol=1e-4)
+    assert r.walks.shape == (1, len(EDIT_STEPS), *x.shape[1:])
+    assert torch.allclose(r.walks[0, EDIT_STEPS.index(0.0)], r.recon[0], atol=1e-5)
+    r2 = concept_edit(pipe, x, {"class": 2.0}, seed=1)
+    assert torch.allclose(r2.edited, pipe.edit(x, "class", 2.0, seed=1), atol=1e-5)
+    # the handler: one amount per visible slider; the hidden sliders' values are ignored
+    img, grid, md = space_app.edit(cm, registry.get(cm).examples[0], 1, 2.0, 0, 0, 0, 0, 0)
+    assert isinstance(img, Image.Image) and isinstance(grid, Image.Image) and "`class` +2" in md
+    for bad, match in (({"hair": 1.0}, "unknown concept"), ({"class": 9.0}, r"\[-5, 5\]")):
+        with pytest.raises(ValueError, match=match):
+            concept_edit(pipe, x, bad)
+    with pytest.raises(ValueError, match="no concept model"):
+        space_app.edit(None, registry.get(None).examples[0], 0, 1.0)
+
+
+def test_concept_layers_table(space_app, registry, concept_pipeline_dir):
+    cm = str(concept_pipeline_dir)
+    md = space_app.concept_layers(cm)
+    pipe = registry.get(cm).pipe
+    rows = [line for line in md.splitlines() if line.startswith("| `")]
+    assert [r.split("`")[1] for r in rows] == pipe.layers
+    assert all(r.count("%") == len(pipe.concepts.factor_names) for r in rows)
+
+
+# ---------------------------------------------------------------------------------------
 # the running server
 # ---------------------------------------------------------------------------------------
 def free_port() -> int:
@@ -479,6 +544,25 @@ def test_client_drives_all_views(client, registry, example):
     assert len(adv) == 8 and "FGSM" in adv[7]
     info = client.predict(m, api_name="/select_model")
     assert "layers" in info[0] and info[5]["value"] is False  # photo domain: no conversion switch
+
+
+@pytest.mark.slow
+def test_client_drives_the_concepts_tab(client, registry, concept_pipeline_dir):
+    from gradio_client import handle_file
+
+    cm = str(concept_pipeline_dir)
+    ex = [handle_file(str(p)) for p in registry.get(cm).examples[:2]]
+    grid, md = client.predict(cm, ex[0], ex[1], 1.0, api_name="/transfer")
+    assert Path(grid).is_file() and "full transfer" in md
+    edited, walk, md = client.predict(cm, ex[0], 0, -1.5, 0, 0, 0, 0, 0, api_name="/edit")
+    assert Path(edited).is_file() and Path(walk).is_file() and "`class` -1.5" in md
+    assert "| `" in client.predict(cm, api_name="/concept_layers")
+    info = client.predict(cm, api_name="/select_model")
+    sliders = info[-app.MAX_CONCEPT_SLIDERS:]
+    assert sliders[0]["label"] == "class" and sliders[0]["visible"] is True and sliders[1]["visible"] is False
+    assert "splits the autoencoder code" in info[10]
+    info = client.predict(registry.default, api_name="/select_model")
+    assert "no concept model" in info[10] and all(s["visible"] is False for s in info[-app.MAX_CONCEPT_SLIDERS:])
 
 
 @pytest.mark.slow

@@ -1,7 +1,6 @@
 """The concept INN e: pair loss, dimensionality estimate, pair datasets, training stage, transfer/edit/variance API."""
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from invint_hub.concepts import (
     ColorMNISTPairs,
     FactorINN,
     LabelPairs,
+    concept_direction,
     dims_from_scores,
     estimate_factor_dims,
     load_attribute_images,
@@ -242,27 +242,6 @@ def test_attribute_pairs_from_a_parquet_folder(tmp_path):
 # ---------------------------------------------------------------------------------------
 # the training stage and the pipeline API
 # ---------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def concept_pipeline_dir(tiny_pipeline_dir, tiny_config, tmp_path_factory):
-    """The tiny pipeline plus a concept INN trained by `python -m invint_hub.train concepts` (class pairs)."""
-    from invint_hub.train import main
-
-    out = tmp_path_factory.mktemp("concept_pipeline")
-    shutil.copytree(tiny_pipeline_dir, out, dirs_exist_ok=True)
-    cfg = yaml.safe_load(tiny_config.read_text())
-    cfg["concepts"] = {"estimate_pairs": 64, "model": {"n_flows": 2, "hidden": 16, "depth": 1},
-                       "train": {"steps": 3, "batch_size": 8, "log_every": 1, "checkpoint_every": 1, "eval_samples": 32}}
-    path = out / "concepts.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    main(["concepts", "--config", str(path), "--output-dir", str(out), "--quiet"])
-    return out
-
-
-@pytest.fixture(scope="module")
-def cpipe(concept_pipeline_dir):
-    return InvariancePipeline.from_pretrained(concept_pipeline_dir)
-
-
 def test_concepts_stage_writes_a_loadable_component(concept_pipeline_dir, cpipe):
     info = json.loads((concept_pipeline_dir / "pipeline.json").read_text())
     assert info["concepts"] == "concepts" and set(info["cinn"]) == {"conv1", "logits"}
@@ -332,6 +311,21 @@ def test_edit(cpipe):
                 dict(concept="class", amount=1.0, direction=torch.ones(size + 1))):
         with pytest.raises(ValueError):
             cpipe.edit(x, **bad)
+
+
+def test_edit_many_sums_the_single_edits(cpipe):
+    x = _images(2)
+    assert torch.allclose(cpipe.edit_many(x, {"class": 2.0}, seed=3), cpipe.edit(x, "class", 2.0, seed=3), atol=1e-5)
+    assert torch.allclose(cpipe.edit_many(x, {}), cpipe.reconstruct(x), atol=1e-4)
+    e = cpipe.concepts
+    both = cpipe.edit_many(x, {"class": 1.5, e.residual_name: -2.0}, seed=0)
+    code = e(cpipe.encode(x))[0]
+    shift = 1.5 * concept_direction(e, "class", 0) - 2.0 * concept_direction(e, e.residual_name, 0)
+    assert torch.allclose(both, cpipe.decode(e.inverse(code + shift)), atol=1e-5)
+    assert not torch.allclose(both, cpipe.edit(x, "class", 1.5, seed=0), atol=1e-3)
+    for bad in ({"hair": 1.0}, {"class": float("inf")}):
+        with pytest.raises(ValueError):
+            cpipe.edit_many(x, bad)
 
 
 def test_concept_variance_explained(cpipe):
