@@ -80,6 +80,19 @@ def SafeImage(**kwargs) -> gr.Image:
     return comp
 
 
+def PairExamples(samples: list[list[str]], elem_id: str) -> gr.Dataset:
+    """Clickable example pairs (two images per row)."""
+    return gr.Dataset(components=[gr.Image(visible=False, format="png"), gr.Image(visible=False, format="png")],
+                      samples=samples, type="index", label="Example pairs (click to run)", layout="table",
+                      samples_per_page=6, elem_id=elem_id)
+
+
+def ResultImage(label: str, elem_id: str) -> gr.Image:
+    """A rendered result grid, downloadable and zoomable."""
+    return gr.Image(label=label, show_label=False, format="png", interactive=False, elem_id=elem_id,
+                    buttons=["download", "fullscreen"])
+
+
 def patient_url_ok(url: str, timeout: float = 60.0) -> bool:
     """Gradio's start-up check that the local server answers, with patience for a busy CPU.
 
@@ -174,6 +187,11 @@ class SpaceApp:
             return pipe.preprocess(img), f"drawing → centred {entry.domain} → {pipe.channels}x{pipe.image_size}px"
         return space.prepare_input(pipe, image, convert=convert, domain=entry.domain)
 
+    def _two_inputs(self, entry: space.ModelEntry, a: Any, b: Any, convert: bool, missing: str):
+        if a is None or b is None:
+            raise ValueError(missing)
+        return tuple(space.prepare_input(entry.pipe, v, convert=convert, domain=entry.domain)[0] for v in (a, b))
+
     def _label(self, pipe, probs: torch.Tensor) -> dict[str, float]:
         k = min(self.top_k, probs.numel())
         top = probs.topk(k)
@@ -226,12 +244,9 @@ class SpaceApp:
     # --- Mix ------------------------------------------------------------------------------
     def mix(self, model: str, image_a: Any, image_b: Any, convert: bool):
         """-> grid (A's representation with B's invariances, and B's with A's, per layer), summary."""
-        if image_a is None or image_b is None:
-            raise ValueError("mixing needs two images: give both A and B")
         with self.registry.use(model) as e:
             pipe = e.pipe
-            xa, _ = space.prepare_input(pipe, image_a, convert=convert, domain=e.domain)
-            xb, _ = space.prepare_input(pipe, image_b, convert=convert, domain=e.domain)
+            xa, xb = self._two_inputs(e, image_a, image_b, convert, "mixing needs two images: give both A and B")
             m = space.mix(pipe, xa, xb)
         layers = pipe.layers
         name = functools.partial(space.class_name, pipe)
@@ -313,12 +328,10 @@ class SpaceApp:
 
     def transfer(self, model: str, target: Any, source: Any, amount: float = 1.0):
         """-> grid (target with each concept of the source, and source with the target's), summary."""
-        if target is None or source is None:
-            raise ValueError("concept transfer needs two images: give both the target and the source")
         with self.registry.use(model) as e:
             pipe = e.pipe
-            xt, _ = space.prepare_input(pipe, target, convert=False, domain=e.domain)
-            xs, _ = space.prepare_input(pipe, source, convert=False, domain=e.domain)
+            xt, xs = self._two_inputs(e, target, source, False,
+                                      "concept transfer needs two images: give both the target and the source")
             t = space.concept_transfer(pipe, xt, xs, float(amount))
         name = functools.partial(space.class_name, pipe)
         rows = [[t.x[0], t.x[1]] + list(t.rows[0]), [t.x[1], t.x[0]] + list(t.rows[1])]
@@ -440,8 +453,7 @@ def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concur
                                              elem_id="samples", elem_classes="pixelated", allow_preview=True)
                 with gr.Accordion("Layer sweep: every layer, the same v (click \"Layer sweep\")", open=False) as sweep_box:
                     sweep_md = gr.Markdown()
-                    sweep_img = gr.Image(label="Layer sweep", show_label=False, format="png", interactive=False,
-                                         elem_id="sweep", buttons=["download", "fullscreen"])
+                    sweep_img = ResultImage("Layer sweep", "sweep")
                     with gr.Row():
                         var_plot = gr.BarPlot(x="layer", y="variance explained by v (%)", sort=layers, y_lim=[0, 100],
                                               title="Variance of the autoencoder code explained by v", height=260)
@@ -461,13 +473,9 @@ def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concur
                         mix_convert = gr.Checkbox(value=is_digit, label="Convert to the model's domain",
                                                   info=convert_help, visible=is_digit)
                         run_mix = gr.Button("Mix", variant="primary", elem_id="run-mix")
-                        mix_examples = gr.Dataset(components=[gr.Image(visible=False, format="png"),
-                                                              gr.Image(visible=False, format="png")],
-                                                  samples=pairs, type="index", label="Example pairs (click to run)",
-                                                  layout="table", samples_per_page=6, elem_id="mix-examples")
+                        mix_examples = PairExamples(pairs, "mix-examples")
                 mix_md = gr.Markdown()
-                mix_img = gr.Image(label="Mixed decodes per layer", show_label=False, format="png", interactive=False,
-                                   elem_id="mix-grid", buttons=["download", "fullscreen"])
+                mix_img = ResultImage("Mixed decodes per layer", "mix-grid")
 
             # ---------------------------------------------------------------- Adversarial
             with gr.Tab("Adversarial", id="adversarial"):
@@ -499,8 +507,7 @@ def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concur
                             lab_att = gr.Label(num_top_classes=3, label="After FGSM")
                             lab_noise = gr.Label(num_top_classes=3, label="After noise")
                         adv_md = gr.Markdown(elem_id="adv-summary")
-                        adv_img = gr.Image(label="What each layer sees", show_label=False, format="png", interactive=False,
-                                           elem_id="adv-grid", buttons=["download", "fullscreen"])
+                        adv_img = ResultImage("What each layer sees", "adv-grid")
 
             # ---------------------------------------------------------------- Concepts
             with gr.Tab("Concepts", id="concepts"):
@@ -518,13 +525,9 @@ def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concur
                         c_amount = gr.Slider(0.0, 1.5, value=1.0, step=0.05, label="Amount",
                                              info="0 = the target as it is, 1 = the source's value of the concept")
                         run_transfer = gr.Button("Transfer concepts", variant="primary", elem_id="run-transfer")
-                        c_pairs = gr.Dataset(components=[gr.Image(visible=False, format="png"),
-                                                         gr.Image(visible=False, format="png")],
-                                             samples=pairs, type="index", label="Example pairs (click to run)",
-                                             layout="table", samples_per_page=6, elem_id="concept-examples")
+                        c_pairs = PairExamples(pairs, "concept-examples")
                 transfer_md = gr.Markdown()
-                transfer_img = gr.Image(label="Concept transfer", show_label=False, format="png", interactive=False,
-                                        elem_id="transfer-grid", buttons=["download", "fullscreen"])
+                transfer_img = ResultImage("Concept transfer", "transfer-grid")
                 gr.Markdown("### Edit: move the image along each concept")
                 slider_names = app.concept_sliders(default)
                 with gr.Row():

@@ -20,6 +20,11 @@ in one copy per layer; the condition's share of every coupling's input layer is 
 for the whole flow; the forward pass never synchronises with the host once the ActNorms are
 initialised (so a training step can be captured as one CUDA graph); and the subnets can run
 in bf16 while the flow's state and its log-determinant stay in fp32.
+
+Inference on the fast path (gradients off, weights cached) issues as few ops as it can, since
+small models are bound by the per-op dispatch cost: each block is one gather (the permutation,
+with the in-place couplings' rotation folded in) and one addcmul (the ActNorm, permuted to match);
+the coupling halves are updated in place in per-call buffers and the matmuls write into them.
 """
 from __future__ import annotations
 
@@ -261,6 +266,92 @@ class FlowPack:
     dim: int
     dim_a: int
     onednn: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]] | None = None
+    plan: "InferencePlan | None" = None  # set on cached (inference) packs only
+
+
+@dataclass
+class InferencePlan:
+    """Gathers and ActNorm constants of the cached inference passes (``Flow._cached_pass``).
+
+    The passes carry the state feature-major, (dim, B), in two buffers used in turn and update the
+    coupling halves in place, so after its couplings a block holds its vector rotated by a known
+    amount. Between two blocks there is then one gather, whose index folds that rotation into the
+    permutation, and one addcmul with the ActNorm's scale and shift (permuted to the gathered order
+    in the inverse, where the ActNorm comes before the permutation). Index k of a list is the k-th
+    gather in the pass's own order; all scales/shifts are (dim, 1), ``*_out`` are (dim,).
+
+    fwd_scale0, fwd_shift0: block 0's ActNorm on the input.
+    fwd_index[k]: the gather after block k; fwd_scale[k], fwd_shift[k]: ActNorm k + 1 (k < n - 1).
+        The last index gathers the output. With an odd ``dim`` the forward pass materialises the
+        half swap (one cat per block) and its indices carry no rotation.
+    inv_index[0]: the first gather (block n - 1's inverse permutation); inv_index[i], i >= 1: the
+        gather before block n - 1 - i, after ActNorm n - i's inverse (inv_scale[i], inv_shift[i]).
+    inv_index_out, inv_scale_out, inv_shift_out: the output gather and block 0's ActNorm inverse.
+    """
+
+    fwd_scale0: torch.Tensor
+    fwd_shift0: torch.Tensor
+    fwd_index: list[torch.Tensor]
+    fwd_scale: list[torch.Tensor]
+    fwd_shift: list[torch.Tensor]
+    inv_index: list[torch.Tensor]
+    inv_scale: list[torch.Tensor | None]
+    inv_shift: list[torch.Tensor | None]
+    inv_index_out: torch.Tensor
+    inv_scale_out: torch.Tensor
+    inv_shift_out: torch.Tensor
+
+
+def _build_plan(p: FlowPack) -> InferencePlan:
+    """Compose the blocks' permutations with the rotations left by the in-place couplings."""
+    n, dim, da = len(p.perm), p.dim, p.dim_a
+    db = dim - da
+    ar = torch.arange(dim, device=p.perm[0].device)
+    # forward: after a block's couplings the buffer holds [x_a, y_b] updated in place; the block's
+    # output (the half-swapped vector) is output[i] = buffer[(i + da) % dim] (odd dim: a cat, no rotation)
+    rot_fwd = (ar + da) % dim if da == db else ar
+    # inverse: after a block's couplings the buffer holds [x_b, x_a]; x[i] = buffer[(i + db) % dim]
+    rot_inv = (ar + db) % dim
+    inv_index = [p.inv_perm[n - 1]]
+    inv_scale: list[torch.Tensor | None] = [None]
+    inv_shift: list[torch.Tensor | None] = [None]
+    for k in reversed(range(n - 1)):  # ActNorm k + 1 inverse, then block k's inverse permutation
+        ip = p.inv_perm[k]
+        inv_index.append(rot_inv[ip])
+        inv_scale.append(p.inv_scale[k + 1][ip].contiguous())
+        inv_shift.append(p.neg_loc[k + 1][ip].contiguous())
+    return InferencePlan(
+        fwd_scale0=p.scale[0], fwd_shift0=p.shift[0],
+        fwd_index=[rot_fwd[p.perm[k]] for k in range(n)],
+        fwd_scale=list(p.scale[1:]), fwd_shift=list(p.shift[1:]),
+        inv_index=inv_index, inv_scale=inv_scale, inv_shift=inv_shift,
+        inv_index_out=rot_inv, inv_scale_out=p.inv_scale[0][:, 0], inv_shift_out=p.neg_loc[0][:, 0],
+    )
+
+
+class _Workspace:
+    """Per-call buffers of a cached inference pass (B columns); views made once per call."""
+
+    __slots__ = ("a2", "a3", "h3", "o", "o0", "o1", "e", "s_all", "s", "y", "halves")
+
+    def __init__(self, p: FlowPack, batch: int, dtype: torch.dtype, device: torch.device):
+        k = len(p.w_in)
+        h2 = p.w_in[0].shape[0]  # 2H
+        wdtype = p.w_in[0].dtype
+        db = p.dim - p.dim_a
+        self.a2 = torch.empty(h2, batch, dtype=wdtype, device=device)  # input layer, rows [s; t]
+        self.a3 = self.a2.view(2, h2 // 2, batch)
+        self.h3 = torch.empty_like(self.a3) if p.onednn is None and len(p.hidden[0]) > 1 else None
+        self.o = torch.empty(2, db, batch, dtype=wdtype, device=device)  # output layer: s (pre-tanh), t
+        self.o0, self.o1 = self.o.unbind(0)
+        self.e = torch.empty(db, batch, dtype=dtype, device=device)  # exp(s)
+        self.s_all = torch.empty(k, db, batch, dtype=dtype, device=device)  # every coupling's log-scale
+        self.s = self.s_all.unbind(0)
+        self.y = (torch.empty(p.dim, batch, dtype=dtype, device=device),
+                  torch.empty(p.dim, batch, dtype=dtype, device=device))
+        da = p.dim_a
+        # per buffer: [:da], [da:], [:db], [db:] (the coupling halves in both passes)
+        self.halves = tuple((y[:da], y[da:], y[:db], y[db:]) for y in self.y)
 
 
 class Flow(nn.Module):
@@ -390,17 +481,18 @@ class Flow(nn.Module):
         if not self.fast_cache or torch.is_grad_enabled():
             self._pack_cache = None
             return self.pack(self.fast_dtype)
-        if self._pack_params is None:
-            self._pack_params = list(self.parameters())
-        try:
-            key = (self.fast_dtype, self.fast_onednn,
-                   tuple((p.data_ptr(), p._version) for p in self._pack_params))
-        except RuntimeError:  # e.g. inference tensors have no version counter
+        if self._pack_params is None:  # the parameters and the permutations (the plan composes them)
+            self._pack_params = list(self.parameters()) + [t for b in self.blocks for t in b.shuffle.buffers()]
+        key = _tensor_key(self._pack_params)
+        if key is None:  # e.g. inference tensors have no version counter
             return self.pack(self.fast_dtype)
+        key = (self.fast_dtype, self.fast_onednn, key)
         if self._pack_cache is None or self._pack_cache[0] != key:
             self._pack_cache = None  # free the old copy first
             cpu = self.fast_onednn and self._pack_params[0].device.type == "cpu"
-            self._pack_cache = (key, self.pack(self.fast_dtype, cpu_inference=cpu))
+            pack = self.pack(self.fast_dtype, cpu_inference=cpu)
+            pack.plan = _build_plan(pack)
+            self._pack_cache = (key, pack)
         return self._pack_cache[1]
 
     # The fast passes carry activations feature-major, (dim, B): every layer is W @ a, so the
@@ -414,7 +506,7 @@ class Flow(nn.Module):
         if cond is None or p.w_cond is None:
             return p.b_in.view(k, -1, 1).unbind(0)
         terms = torch.addmm(p.b_in, p.w_cond, cond.t().to(p.w_cond.dtype))  # (K * 2H, B / repeats)
-        if repeats > 1:
+        if repeats > 1 and terms.shape[1] > 1:  # one condition: a (2H, 1) column broadcasts in addmm
             terms = terms.repeat_interleave(repeats, dim=1)
         return terms.view(k, -1, terms.shape[1]).unbind(0)
 
@@ -439,8 +531,14 @@ class Flow(nn.Module):
             s, t = s.to(dtype), t.to(dtype)
         return torch.tanh(s), t
 
+    def _cached_ok(self, p: FlowPack, x: torch.Tensor) -> bool:
+        """The buffer-based inference passes apply: a cached pack, a batch, no autocast (out= ops)."""
+        return p.plan is not None and x.shape[0] > 0 and not torch.is_autocast_enabled(x.device.type)
+
     def _fast_forward(self, x: torch.Tensor, cond: torch.Tensor | None):
         p = self._get_pack()
+        if self._cached_ok(p, x):
+            return self._cached_forward(p, x, cond)
         terms = self._input_terms(p, cond)
         halves = [p.dim_a, p.dim - p.dim_a]  # a split (not slicing) is one node in the backward pass
         even = halves[0] == halves[1]
@@ -464,6 +562,8 @@ class Flow(nn.Module):
 
     def _fast_inverse(self, y: torch.Tensor, cond: torch.Tensor | None, cond_repeats: int = 1):
         p = self._get_pack()
+        if self._cached_ok(p, y):
+            return self._cached_inverse(p, y, cond, cond_repeats)
         terms = self._input_terms(p, cond, cond_repeats)
         da, split = p.dim_a, p.dim - p.dim // 2  # kept half; where the inverse half swap cuts
         halves = [da, p.dim - da]
@@ -489,6 +589,88 @@ class Flow(nn.Module):
         logdet = -(torch.cat(s_all).float().sum(0) + p.actnorm_logdet)
         return y.t().contiguous(), logdet
 
+    # ---- cached inference passes: per block one gather + one addcmul, couplings in place ----------
+    def _cached_st(self, p: FlowPack, j: int, keep: torch.Tensor, terms: tuple[torch.Tensor, ...],
+                   ws: _Workspace) -> torch.Tensor:
+        """Coupling ``j`` on its kept half (dim_a, B): writes s to ``ws.s[j]`` and exp(s) to ``ws.e``;
+        returns t (a view of the workspace, in the subnets' dtype)."""
+        a2 = ws.a2
+        torch.addmm(terms[j], p.w_in[j], keep if keep.dtype == a2.dtype else keep.to(a2.dtype), out=a2)
+        x = F.leaky_relu_(ws.a3, SUBNET_SLOPE)
+        if p.onednn is None:
+            layers, spare = p.hidden[j], ws.h3
+            for w, b in layers[:-1]:  # hidden layers, in turn between the two (2, H, B) buffers
+                F.leaky_relu_(torch.baddbmm(b, w, x, out=spare), SUBNET_SLOPE)
+                x, spare = spare, x
+            w, b = layers[-1]
+            torch.baddbmm(b, w, x, out=ws.o)
+            s, t = ws.o0, ws.o1
+        else:  # CPU inference through oneDNN pre-packed weights, batch-major, bias and LeakyReLU fused
+            s, t = x[0].t(), x[1].t()
+            layers = p.onednn[j]
+            for i, (w_s, w_t, b_s, b_t) in enumerate(layers):
+                act, scalars = ("none", []) if i == len(layers) - 1 else ("leaky_relu", [SUBNET_SLOPE])
+                s = torch.ops.mkldnn._linear_pointwise(s, w_s, b_s, act, scalars, "")
+                t = torch.ops.mkldnn._linear_pointwise(t, w_t, b_t, act, scalars, "")
+            s, t = s.t(), t.t()
+        s_j = ws.s[j]
+        torch.tanh(s if s.dtype == s_j.dtype else s.to(s_j.dtype), out=s_j)
+        torch.exp(s_j, out=ws.e)
+        return t
+
+    def _cached_forward(self, p: FlowPack, x: torch.Tensor, cond: torch.Tensor | None):
+        """Forward pass with cached weights (no gradients): same math as ``FlowBlock.forward``."""
+        plan, ws = p.plan, _Workspace(p, x.shape[0], x.dtype, x.device)
+        terms = self._input_terms(p, cond)
+        da, n = p.dim_a, len(p.perm)
+        y = torch.addcmul(plan.fwd_shift0, x.t(), plan.fwd_scale0, out=ws.y[0])  # ActNorm of block 0
+        for k in range(n):
+            lo, hi = ws.halves[k % 2][:2]  # [:da], [da:]
+            t = self._cached_st(p, 2 * k, lo, terms, ws)  # first coupling: y_b = x_b * exp(s) + t
+            hi.mul_(ws.e).add_(t)
+            if da * 2 == p.dim:  # second coupling on the half-swapped vector [hi, lo]: kept hi, updates lo
+                t = self._cached_st(p, 2 * k + 1, hi, terms, ws)
+                lo.mul_(ws.e).add_(t)
+            else:  # odd dim: the swapped halves are not row ranges of the buffer; materialise the swap
+                y = torch.cat([hi, lo])
+                t = self._cached_st(p, 2 * k + 1, y[:da], terms, ws)
+                y[da:].mul_(ws.e).add_(t)
+            if k == n - 1:
+                out = y.t().index_select(1, plan.fwd_index[k])  # last permutation: the (B, dim) output
+            else:  # permutation of block k, then ActNorm of block k + 1
+                y = torch.index_select(y, 0, plan.fwd_index[k], out=ws.y[(k + 1) % 2])
+                torch.addcmul(plan.fwd_shift[k], y, plan.fwd_scale[k], out=y)
+        logdet = ws.s_all.sum((0, 1), dtype=torch.float32) + p.actnorm_logdet
+        return out, logdet
+
+    def _cached_inverse(self, p: FlowPack, v: torch.Tensor, cond: torch.Tensor | None, repeats: int = 1):
+        """Inverse pass with cached weights (no gradients): same math as ``FlowBlock.inverse``."""
+        plan, ws = p.plan, _Workspace(p, v.shape[0], v.dtype, v.device)
+        terms = self._input_terms(p, cond, repeats)
+        n = len(p.perm)
+        y = torch.index_select(v.t(), 0, plan.inv_index[0], out=ws.y[0])  # permutation of the last block
+        for i, k in enumerate(reversed(range(n))):
+            lo_a, hi_a, lo_b, hi_b = ws.halves[i % 2]  # [:da], [da:], [:db], [db:]
+            t = self._cached_st(p, 2 * k + 1, lo_a, terms, ws)  # second coupling: y_b = (y_b - t) / exp(s)
+            hi_a.sub_(t).div_(ws.e)
+            # the buffer now holds the half-swapped vector [y_b (db), x_a (da)]: the first coupling
+            t = self._cached_st(p, 2 * k, hi_b, terms, ws)
+            lo_b.sub_(t).div_(ws.e)
+            if k > 0:  # ActNorm of block k inverse, then block k - 1's inverse permutation
+                y = torch.index_select(y, 0, plan.inv_index[i + 1], out=ws.y[(i + 1) % 2])
+                torch.addcmul(plan.inv_shift[i + 1], y, plan.inv_scale[i + 1], out=y)
+        out = torch.addcmul(plan.inv_shift_out, y.t().index_select(1, plan.inv_index_out), plan.inv_scale_out)
+        logdet = -(ws.s_all.sum((0, 1), dtype=torch.float32) + p.actnorm_logdet)
+        return out, logdet
+
+
+def _tensor_key(tensors: list[torch.Tensor]) -> tuple | None:
+    """Storage pointers and version counters: a cache keyed by this sees ``.to()`` and in-place updates
+    (optimizer steps, ``load_state_dict``); ``None`` where a tensor has no version counter."""
+    try:
+        return tuple((t.data_ptr(), t._version) for t in tensors)
+    except RuntimeError:  # inference tensors
+        return None
 
 def _reorder(w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w.contiguous())
