@@ -38,7 +38,7 @@ from .pipeline import PIPELINE_FILE, InvariancePipeline
 STAGES = ("classifier", "autoencoder", "cinn", "concepts")
 DEFAULT_TRAIN = dict(
     steps=1000, batch_size=64, lr=1e-3, betas=[0.9, 0.999], weight_decay=0.0, schedule="constant", warmup=0,
-    clip_grad=0.0, cond_noise=0.0, log_every=50, eval_every=0, checkpoint_every=500, keep_checkpoints=2, eval_samples=2000,
+    clip_grad=0.0, log_every=50, eval_every=0, checkpoint_every=500, keep_checkpoints=2, eval_samples=2000,
 )
 
 
@@ -65,7 +65,7 @@ def train_settings(cfg: dict, stage: str, args, layer: str | None = None) -> dic
         t["steps"] = args.steps
     if args.batch_size is not None:
         t["batch_size"] = args.batch_size
-    for k in ("lr", "weight_decay", "clip_grad", "cond_noise"):
+    for k in ("lr", "weight_decay", "clip_grad"):
         t[k] = float(t[k])
     return t
 
@@ -505,16 +505,10 @@ def train_cinn(acc, cfg, args, out: Path, layer: str):
     opt = make_optimizer(model.parameters(), t)
     model, opt = acc.prepare(model, opt)
     dim = ae.latent_dim
-    # Optional regulariser: Gaussian noise on the condition, ``cond_noise`` times each feature's std on the init
-    # batch. A rich condition (e.g. 10 logits) nearly identifies each training image, so without it the cINN can
-    # memorise p(z_bar | z) image by image; the noise blurs that lookup while keeping what the layer encodes.
-    z_std = z0.std(0, keepdim=True).clamp_min(1e-6) * t["cond_noise"]
 
     def step_fn(x, y, step):
         model.train()
         zbar, z = inputs(x)
-        if t["cond_noise"]:
-            z = z + z_std * torch.randn_like(z)
         with acc.autocast():
             v, logdet = model(zbar, z)
         nll = (0.5 * v.float().pow(2).sum(1) - logdet).mean()  # the paper's loss (constant dropped)
