@@ -43,8 +43,9 @@ CSS = """
 #samples .grid-container { grid-template-columns: repeat(8, minmax(0, 1fr)) !important; }
 #samples .grid-wrap { height: auto !important; min-height: 0 !important; max-height: 460px; }
 #samples { height: auto !important; }
-#mix-examples td { padding: 2px 8px !important; }
-#mix-examples .container, #mix-examples img { width: 40px !important; height: 40px !important; }
+#mix-examples td, #concept-examples td { padding: 2px 8px !important; }
+#mix-examples .container, #mix-examples img, #concept-examples .container, #concept-examples img {
+  width: 40px !important; height: 40px !important; }
 #summary p { margin: 0.2em 0; }
 footer { display: none !important; }
 """
@@ -337,7 +338,7 @@ class SpaceApp:
         rows = [[t.x[0], t.x[1]] + list(t.rows[0]), [t.x[1], t.x[0]] + list(t.rows[1])]
         caps = [[name(t.pred[0]), name(t.pred[1])] + [name(c) for c in t.row_pred[0]],
                 [name(t.pred[1]), name(t.pred[0])] + [name(c) for c in t.row_pred[1]]]
-        grid = space.compose_grid(rows, ["target ← source", "source ← target"], ["image", "concept from"] + t.concepts,
+        grid = space.compose_grid(rows, ["target, c from source", "source, c from target"], ["image", "concept from"] + t.concepts,
                                   caps, cell=80)
         summary = (
             f"Column *c*: the row's image with concept *c* set to the other image's (amount {t.amount:g}; 0 = unchanged, "

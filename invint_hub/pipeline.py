@@ -52,7 +52,9 @@ def resolve_pipeline_dir(name_or_path: str | Path | None = None, **hub_kwargs) -
 
 
 def embedded_pipelines() -> list[str]:
-    return sorted(d.name for d in PRETRAINED_DIR.glob("*") if (d / PIPELINE_FILE).is_file())
+    """Names of the pipelines shipped in the package, the default (``mnist``) first."""
+    names = sorted(d.name for d in PRETRAINED_DIR.glob("*") if (d / PIPELINE_FILE).is_file())
+    return sorted(names, key=lambda n: n != DEFAULT_PIPELINE)
 
 
 class InvariancePipeline:
