@@ -6,9 +6,12 @@
 
 Both paths are the same ``ConditionalINN`` with the same parameters: "plain" is the
 straightforward eager model (``model.fast(False)``, fp32, ``torch.optim.Adam``), "fast" is
-``model.fast(True)`` (stacked s/t subnets in batched matmuls, no host synchronisation, one
-stacked weight copy per layer) plus, on CUDA, a fused capturable Adam and the whole training
-step replayed as one CUDA graph, optionally with bf16 autocast (log-determinants in fp32).
+``model.fast(True)`` (stacked s/t subnets in batched matmuls, no host synchronisation; for
+training the parameters of each subnet layer share one stacked storage, so a step stacks them as
+views; for inference cached weights, one gather + one addcmul per block, in-place couplings and
+the embedder's ActNorms folded into its Linear/Conv weights) plus, on CUDA, a fused capturable
+Adam and the whole training step replayed as one CUDA graph, optionally with bf16 autocast
+(log-determinants in fp32).
 
 Sections (``--sections``, comma list):
   demo    16 samples for the demo sizes (MNIST cINN with a flat and a spatial condition, and
@@ -208,6 +211,7 @@ def make_step(model: ConditionalINN, path: str, device: torch.device, lr: float)
         model.fast(False)
         return TrainStep(model, make_adam(model.parameters(), fused=False, capturable=False, lr=lr))
     model.fast(True)
+    model.flow.stack_parameters()  # the one-time move into stacked storage (else the first fast step does it)
     cuda = device.type == "cuda"
     opt = make_adam(model.parameters(), fused=True, capturable=cuda, lr=lr)
     return TrainStep(model, opt, graph=cuda, autocast=PATHS[path])
@@ -260,6 +264,22 @@ def count_step_ops(path: str, device: torch.device) -> int:
     return Count.n
 
 
+def count_call_ops(fn: Callable[[], object]) -> int:
+    """The aten ops (views included: each is a dispatch too) that one call of ``fn`` issues."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
 # ---------------------------------------------------------------------------------------------
 # sections
 # ---------------------------------------------------------------------------------------------
@@ -283,12 +303,14 @@ def bench_demo(device: torch.device, repeats: int, warmup: int, sizes: list[str]
         with torch.no_grad():
             ref = call("plain")
             err = {k: ((call(k) - ref).norm() / ref.norm()).item() for k in models}
+            ops = {k: count_call_ops(lambda k=k: call(k)) for k in models}
             reps = repeats
             t, c = time_interleaved({k: (lambda k=k: call(k)) for k in models}, reps, warmup, device)
         for k in models:
             rows.append(dict(device=device.type, size=size, params=n_params(model), path=k, samples=n, repeats=reps,
                              ms=1e3 * median(t[k]), speedup=median(t["plain"]) / median(t[k]),
-                             cpu_ms=1e3 * median(c[k]), cpu_speedup=median(c["plain"]) / median(c[k]), rel_err=err[k]))
+                             cpu_ms=1e3 * median(c[k]), cpu_speedup=median(c["plain"]) / median(c[k]), rel_err=err[k],
+                             ops=ops[k]))
         del models
     return rows
 
@@ -472,14 +494,15 @@ def tables(results: dict) -> str:
     if results.get("demo"):
         out += ["### Demo sampling latency (16 samples of one representation)", "",
                 "| device | model | params | path | wall ms | speed-up (wall) | CPU-time ms | speed-up (CPU time) "
-                "| rel. error vs plain | repeats |",
-                "|---|---|---|---|---|---|---|---|---|---|"]
+                "| rel. error vs plain | ops/call | repeats |",
+                "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in results["demo"]:
             out.append(f"| {r['device']} | {r['size']} | {r['params'] / 1e6:.1f} M | {r['path']} | {_f(r['ms'])} | "
                        f"{_f(r['speedup'])}x | {_f(r['cpu_ms'])} | {_f(r['cpu_speedup'])}x | {_f(r['rel_err'], 6)} | "
-                       f"{r['repeats']} |")
+                       f"{r.get('ops', '-')} | {r['repeats']} |")
         out += ["", "Medians over the repeats. CPU time: this process's CPU seconds per call (the fair comparison "
-                    "when other jobs share the cores; on an idle machine the wall clock is the latency).", ""]
+                    "when other jobs share the cores; on an idle machine the wall clock is the latency). ops/call: "
+                    "aten ops dispatched by one call, views included.", ""]
     if results.get("train"):
         out += ["### Training step, paper size (ms per step; TFLOP/s from the counted matmul FLOPs)", "",
                 "| device | batch | path | dtype | ms/step | steps/s | TFLOP/s | % bf16 peak | speed-up (wall) "

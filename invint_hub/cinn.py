@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .flows import ActNorm, Flow, set_fast_path, standard_normal_nll
+from .flows import ActNorm, Flow, _tensor_key, set_fast_path, standard_normal_nll
 from .hub import HUB_KWARGS, HubMixin
 
 
@@ -67,6 +68,74 @@ class ConvEmbedder(nn.Module):
         return h.flatten(1)
 
 
+EmbedStep = tuple  # ("linear", W^T, b) | ("conv", W, b, stride, padding) | ("lrelu", slope) | ("flatten",)
+
+
+@torch.no_grad()
+def fold_embedder(embedder: nn.Module, cond_shape: tuple[int, ...]) -> list[EmbedStep] | None:
+    """The embedder's layers for inference with every ActNorm folded into the Linear/Conv before it.
+
+    ``ActNorm(W x + b) = (W x + b + loc) * exp(log_scale)`` = ``W' x + b'`` with ``W' = exp(log_scale) W``
+    and ``b' = (b + loc) exp(log_scale)``. A convolution whose kernel covers its whole (unpadded) input
+    is a dense layer on the flattened map and runs as one matmul. Returns ``None`` for a layer
+    sequence it does not know (the caller then runs the embedder as it is).
+    """
+    layers = list(embedder.net) if isinstance(embedder, (DenseEmbedder, ConvEmbedder)) else None
+    if not layers:
+        return None
+    steps: list[EmbedStep] = [("flatten",)] if isinstance(embedder, DenseEmbedder) else []
+    size = cond_shape[-1] if len(cond_shape) == 3 else 1  # spatial size of the current map
+    i = 0
+    while i < len(layers):
+        layer = layers[i]
+        if isinstance(layer, nn.LeakyReLU):
+            steps.append(("lrelu", layer.negative_slope))
+            i += 1
+            continue
+        if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+            return None
+        w = layer.weight.detach()
+        b = layer.bias.detach() if layer.bias is not None else w.new_zeros(w.shape[0])
+        if i + 1 < len(layers) and isinstance(layers[i + 1], ActNorm):
+            norm = layers[i + 1]
+            scale = norm.log_scale.detach().exp()
+            w = w * scale.view(-1, *([1] * (w.dim() - 1)))
+            b = (b + norm.loc.detach()) * scale
+            i += 1
+        i += 1
+        if isinstance(layer, nn.Linear):
+            steps.append(("linear", w.t().contiguous(), b))
+            continue
+        if layer.groups != 1 or layer.dilation != (1, 1) or isinstance(layer.padding, str):
+            return None
+        (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+        if kh == kw == size and ph == pw == 0:  # one output position: a dense layer
+            steps += [("flatten",), ("linear", w.flatten(1).t().contiguous(), b)]
+            size = 1
+        else:
+            steps.append(("conv", w.contiguous(), b, (sh, sw), (ph, pw)))
+            size = (size + 2 * ph - kh) // sh + 1
+    if isinstance(embedder, ConvEmbedder) and steps[-1][0] != "linear":
+        steps.append(("flatten",))
+    return steps
+
+
+def run_folded(steps: list[EmbedStep], z: torch.Tensor) -> torch.Tensor:
+    """Apply ``fold_embedder``'s steps (inference, no gradients)."""
+    h, fresh = z, False  # fresh: h is this function's own tensor (LeakyReLU may then work in place)
+    for step in steps:
+        kind = step[0]
+        if kind == "linear":
+            h, fresh = torch.addmm(step[2], h, step[1]), True
+        elif kind == "lrelu":
+            h = F.leaky_relu_(h, step[1]) if fresh else F.leaky_relu(h, step[1])
+        elif kind == "conv":
+            h, fresh = F.conv2d(h, step[1], step[2], step[3], step[4]), True
+        else:
+            h = h.flatten(1)
+    return h
+
+
 class ConditionalINN(nn.Module, HubMixin, **HUB_KWARGS):
     """The paper's t: z_bar (autoencoder latent) -> v (invariances), conditioned on z = Phi(x).
 
@@ -113,19 +182,56 @@ class ConditionalINN(nn.Module, HubMixin, **HUB_KWARGS):
                 raise ValueError(f"spatial conditions must be square, got {list(cond_shape)}")
             self.embedder = ConvEmbedder(cond_shape[0], cond_shape[1], embed_dim, embedder_down, embedder_width)
         self.flow = Flow(latent_dim, embed_dim, n_flows, hidden, depth, seed=seed)
+        # fast-path inference: the embedder with its ActNorms folded (see ``fold_embedder``), keyed by
+        # the embedder's tensors like the flow's weight cache; never saved
+        self._embed_cache: tuple[tuple, list[EmbedStep] | None] | None = None
+        self._embed_tensors: list[torch.Tensor] | None = None
+        self.register_load_state_dict_post_hook(_drop_embed_cache)
+
+    def _apply(self, fn, *args, **kwargs):  # .to() / .double() / ...: the folded weights are stale
+        _drop_embed_cache(self)
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):  # copies and pickles leave the cache behind
+        state = super().__getstate__()
+        state["_embed_cache"] = state["_embed_tensors"] = None
+        return state
 
     def _check(self, zbar: torch.Tensor, z: torch.Tensor) -> None:
         if zbar.dim() != 2 or zbar.shape[1] != self.latent_dim:
             raise ValueError(f"expected latents of shape (B, {self.latent_dim}), got {tuple(zbar.shape)}")
-        if tuple(z.shape[1:]) != self.cond_shape and z[0].numel() != math.prod(self.cond_shape):
-            raise ValueError(f"expected representations of shape (B, {list(self.cond_shape)}), got {tuple(z.shape)}")
+        self._check_cond(z)
         if z.shape[0] != zbar.shape[0]:
             raise ValueError(f"batch sizes differ: latents {zbar.shape[0]}, representations {z.shape[0]}")
+
+    def _check_cond(self, z: torch.Tensor) -> None:
+        if tuple(z.shape[1:]) != self.cond_shape and (z.dim() < 2 or z[0].numel() != math.prod(self.cond_shape)):
+            raise ValueError(f"expected representations of shape (B, {list(self.cond_shape)}), got {tuple(z.shape)}")
 
     def embed(self, z: torch.Tensor) -> torch.Tensor:
         if z.dim() == 2 and len(self.cond_shape) == 3:
             z = z.view(z.shape[0], *self.cond_shape)
-        return self.embedder(z)
+        steps = self._folded_embedder(z)
+        return self.embedder(z) if steps is None else run_folded(steps, z)
+
+    def _folded_embedder(self, z: torch.Tensor) -> list[EmbedStep] | None:
+        """The cached folded embedder for fast-path inference, or ``None`` where the plain one must run
+        (fast path off, cache off, gradients on, autocast, or an ActNorm still awaiting its init)."""
+        flow = self.flow
+        if not (flow.fast_path and flow.fast_cache) or torch.is_grad_enabled() \
+                or torch.is_autocast_enabled(z.device.type):
+            return None
+        if self._embed_tensors is None:
+            self._embed_tensors = list(self.embedder.parameters()) + list(self.embedder.buffers())
+        key = _tensor_key(self._embed_tensors)
+        if key is None:
+            return None
+        if self._embed_cache is None or self._embed_cache[0] != key:
+            norms = [m for m in self.embedder.modules() if isinstance(m, ActNorm)]
+            if self.training and not all(bool(m.initialized.item()) for m in norms):
+                return None  # the plain forward initialises them (data-dependent)
+            self._embed_cache = (key, fold_embedder(self.embedder, self.cond_shape))
+        return self._embed_cache[1]
 
     def forward(self, zbar: torch.Tensor, z: torch.Tensor):
         """z_bar, z -> (v, logdet)."""
@@ -169,12 +275,20 @@ class ConditionalINN(nn.Module, HubMixin, **HUB_KWARGS):
         param = next(self.parameters())
         device = generator.device if generator is not None else param.device
         if self.flow.fast_path:  # embed each representation once, not n times
-            self._check(torch.empty(z.shape[0], self.latent_dim, device="meta"), z)
+            self._check_cond(z)
             v = torch.randn(z.shape[0] * n, self.latent_dim, generator=generator, device=device)
-            return self.flow.inverse(temperature * v.to(param.device, param.dtype), self.embed(z), cond_repeats=n)[0]
+            v = v.to(param.device, param.dtype)
+            if temperature != 1.0:  # 1.0 * v is v: skip the op
+                v = temperature * v
+            return self.flow.inverse(v, self.embed(z), cond_repeats=n)[0]
         z = z.repeat_interleave(n, dim=0)
         v = torch.randn(z.shape[0], self.latent_dim, generator=generator, device=device).to(param.device, param.dtype)
         return self.inverse(temperature * v, z)
+
+
+def _drop_embed_cache(model: "ConditionalINN", *args) -> None:
+    model._embed_cache = None
+    model._embed_tensors = None
 
 
 class INN(nn.Module, HubMixin, **HUB_KWARGS):

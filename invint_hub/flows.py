@@ -21,14 +21,19 @@ for the whole flow; the forward pass never synchronises with the host once the A
 initialised (so a training step can be captured as one CUDA graph); and the subnets can run
 in bf16 while the flow's state and its log-determinant stay in fp32.
 
-Inference on the fast path (gradients off, weights cached) issues as few ops as it can, since
-small models are bound by the per-op dispatch cost: each block is one gather (the permutation,
+Training on the fast path moves each subnet layer's parameters (of all couplings) into one
+stacked storage once (``Flow.stack_parameters``; same parameter objects, same state dict), so a
+step stacks them as views and their gradients are views of the stacked gradients: no weight-sized
+copy per step. Inference on the fast path (gradients off, weights cached) issues as few ops as it
+can, since small models are bound by the per-op cost: each block is one gather (the permutation,
 with the in-place couplings' rotation folded in) and one addcmul (the ActNorm, permuted to match);
-the coupling halves are updated in place in per-call buffers and the matmuls write into them.
+the coupling halves are updated in place in buffers a thread reuses, and the matmuls write into them.
 """
 from __future__ import annotations
 
 import contextlib
+import operator
+import threading
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -329,10 +334,24 @@ def _build_plan(p: FlowPack) -> InferencePlan:
     )
 
 
-class _Workspace:
-    """Per-call buffers of a cached inference pass (B columns); views made once per call."""
+# A thread keeps the buffers of its last cached inference pass up to this many elements (the op
+# count of making them matters only for small batches); larger ones are made per call.
+WORKSPACE_KEEP_NUMEL = 1 << 18
 
-    __slots__ = ("a2", "a3", "h3", "o", "o0", "o1", "e", "s_all", "s", "y", "halves")
+
+class _Workspace:
+    """Buffers of a cached inference pass on B columns, with their views (each view is an op too).
+
+    Nothing a pass returns aliases them, so a thread may reuse them for its next pass of the same shape.
+    """
+
+    __slots__ = ("a2", "a3", "h3", "o", "o0", "o1", "e", "s_all", "s", "y", "halves", "numel")
+
+    @staticmethod
+    def key(p: FlowPack, batch: int, dtype: torch.dtype, device: torch.device) -> tuple:
+        w = p.w_in[0]
+        return (batch, dtype, device, w.shape, w.dtype, len(p.w_in), p.dim, p.dim_a,
+                p.onednn is None, len(p.hidden[0]))
 
     def __init__(self, p: FlowPack, batch: int, dtype: torch.dtype, device: torch.device):
         k = len(p.w_in)
@@ -351,7 +370,8 @@ class _Workspace:
                   torch.empty(p.dim, batch, dtype=dtype, device=device))
         da = p.dim_a
         # per buffer: [:da], [da:], [:db], [db:] (the coupling halves in both passes)
-        self.halves = tuple((y[:da], y[da:], y[:db], y[db:]) for y in self.y)
+        self.halves = tuple((y[:da], y[da:]) * 2 if da == db else (y[:da], y[da:], y[:db], y[db:]) for y in self.y)
+        self.numel = sum(t.numel() for t in (self.a2, self.h3, self.o, self.e, self.s_all, *self.y) if t is not None)
 
 
 class Flow(nn.Module):
@@ -366,6 +386,7 @@ class Flow(nn.Module):
         self.blocks = nn.ModuleList(
             FlowBlock(dim, cond_dim, hidden, depth, seed=seed + i) for i in range(n_flows)
         )
+        self._norms = [block.norm for block in self.blocks]  # (a plain list: not registered twice)
         # Runtime options (plain attributes: never in the state dict or the config).
         self.fast_path = False
         self.fast_dtype: torch.dtype | None = None  # subnet matmul dtype on the fast path (None: as the weights)
@@ -373,15 +394,18 @@ class Flow(nn.Module):
         self.fast_onednn = True  # cached CPU inference: pre-packed oneDNN matmuls (see ONEDNN_MIN_WIDTH)
         self._pack_cache: tuple[tuple, FlowPack] | None = None
         self._pack_params: list[nn.Parameter] | None = None
+        self._workspaces: threading.local | None = None  # per thread: (key, _Workspace) of its last pass
+        self._layers: list[list[nn.Parameter]] | None = None  # subnet_layers(), built once
         self.register_load_state_dict_post_hook(_drop_pack_cache)
+        self.register_state_dict_post_hook(_unshare_state)
 
     def _apply(self, fn, *args, **kwargs):  # .to() / .half() / ...: the cached pack is stale
         _drop_pack_cache(self)
         return super()._apply(fn, *args, **kwargs)
 
     def __getstate__(self):  # copies and pickles leave the cache behind (it may hold opaque oneDNN tensors)
-        state = self.__dict__.copy()
-        state["_pack_cache"] = state["_pack_params"] = None
+        state = super().__getstate__()
+        state["_pack_cache"] = state["_pack_params"] = state["_workspaces"] = state["_layers"] = None
         return state
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
@@ -397,12 +421,13 @@ class Flow(nn.Module):
         """y -> (x, logdet). ``cond_repeats`` > 1: ``cond`` holds one row per ``cond_repeats``
         consecutive rows of ``y`` (many samples of one condition; the fast path then computes the
         condition's share of the subnets once per row of ``cond``)."""
+        fast = self.fast_path and self._fast_ready()
         if cond is not None and cond_repeats != 1:
             if cond_repeats < 1 or cond.shape[0] * cond_repeats != y.shape[0]:
                 raise ValueError(f"{cond.shape[0]} conditions x {cond_repeats} repeats != {y.shape[0]} rows")
-            if not (self.fast_path and self._fast_ready()):
+            if not fast:
                 cond = cond.repeat_interleave(cond_repeats, dim=0)
-        if self.fast_path and self._fast_ready():
+        if fast:
             return self._fast_inverse(y, cond, cond_repeats)
         logdet = y.new_zeros(y.shape[0], dtype=torch.float32)
         for block in reversed(self.blocks):
@@ -417,10 +442,12 @@ class Flow(nn.Module):
         Reads each ActNorm's flag from the device at most once (then cached on the host), so a
         training step of an initialised flow never synchronises.
         """
-        if len(self.blocks) == 0:
+        norms = self._norms
+        if not norms:
             return False
-        for block in self.blocks:
-            norm = block.norm
+        if all(norm._known_initialized for norm in norms):  # (the common case, without module lookups)
+            return True
+        for norm in norms:
             if not norm._known_initialized:
                 if bool(norm.initialized.item()):
                     norm._known_initialized = True
@@ -428,30 +455,71 @@ class Flow(nn.Module):
                     return False
         return True
 
-    def pack(self, dtype: torch.dtype | None = None, cpu_inference: bool = False) -> FlowPack:
-        """Stack the parameters for the fast path (differentiable; one ``torch.stack`` per layer).
+    def subnet_layers(self) -> list[list[nn.Parameter]]:
+        """Per subnet layer index: the weights then the biases of that layer of every subnet, in the
+        pack's order (coupling k = 2 * block + (0 first, 1 second); s before t). Layer i's weights
+        (and its biases) are what the fast path stacks into one tensor."""
+        if self._layers is None:
+            couplings = [c for b in self.blocks for c in (b.coupling.first, b.coupling.second)]
+            pairs = [c.linear_pairs() for c in couplings]
+            groups = []
+            for i in range(len(pairs[0]) if pairs else 0):
+                lins = [lin for p in pairs for lin in p[i]]
+                groups += [[lin.weight for lin in lins], [lin.bias for lin in lins]]
+            self._layers = groups
+        return self._layers
 
+    def stack_parameters(self) -> bool:
+        """Lay each subnet layer's weights (and biases) of all couplings back to back in one tensor.
+
+        The parameters stay the same objects with the same values; only their storage moves (one
+        copy, now). From then on the fast path stacks them as views, with no copy in the forward pass
+        and none in the backward pass, where each parameter's gradient is a view of the stacked
+        gradient. The fast path's training forward calls this once by itself; ``.to()`` and the like
+        give every parameter its own storage again (and the next fast training step restacks).
+        ``state_dict`` still returns independent tensors. Returns whether anything moved.
+        """
+        moved = False
+        with torch.no_grad():
+            for params in self.subnet_layers():
+                if _stacked_base(params) is not None:
+                    continue
+                base = torch.stack([q.detach() for q in params])
+                for q, view in zip(params, base.unbind(0)):
+                    q.data = view
+                moved = True
+        if moved:
+            _drop_pack_cache(self)
+        return moved
+
+    def pack(self, dtype: torch.dtype | None = None, cpu_inference: bool = False) -> FlowPack:
+        """Stack the parameters for the fast path (differentiable).
+
+        Parameters laid out back to back by ``stack_parameters`` are stacked as views (no copy, and
+        per-parameter gradients as views of the stacked ones); otherwise one ``torch.stack`` per layer.
         ``cpu_inference`` (no gradients): pre-pack wide subnets for oneDNN (see ``ONEDNN_MIN_WIDTH``).
         """
         couplings = [c for b in self.blocks for c in (b.coupling.first, b.coupling.second)]
-        pairs = [c.linear_pairs() for c in couplings]
-        dim_a, n_layers = couplings[0].dim_a, len(pairs[0])
+        dim_a, k = couplings[0].dim_a, len(couplings)
+        layers = self.subnet_layers()
+        n_layers = len(layers) // 2
 
-        def stacked(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-            w = torch.stack([lin.weight for p in pairs for lin in p[i]])  # (2K, out, in): s, t, s, t, ...
-            b = torch.stack([lin.bias for p in pairs for lin in p[i]]).unsqueeze(2)  # (2K, out, 1)
-            return (w, b) if dtype is None else (w.to(dtype), b.to(dtype))
+        def stacked(i: int, groups: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            """Layer i: ``groups`` x (weights (2K / groups, out, in), biases (2K / groups, out, 1)): s, t, s, t, ..."""
+            split = 1 if dtype is not None else groups  # convert the whole layer, then split
+            w, b = (_stack(layers[2 * i + j], split) for j in (0, 1))
+            if dtype is not None:
+                w, b = w[0].to(dtype).chunk(groups), b[0].to(dtype).chunk(groups)
+            return [(wg, bg.unsqueeze(2)) for wg, bg in zip(w, b)]
 
-        w0, b0 = stacked(0)
-        k2, hid = w0.shape[0], w0.shape[1]
+        ((w0, b0),) = stacked(0, 1)
+        hid = w0.shape[1]
         w_in = [w.reshape(2 * hid, dim_a) for w in w0[:, :, :dim_a].split(2)]
-        w_cond = w0[:, :, dim_a:].reshape(k2 * hid, -1) if w0.shape[2] > dim_a else None
+        w_cond = w0[:, :, dim_a:].reshape(2 * k * hid, -1) if w0.shape[2] > dim_a else None
         hidden: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in couplings]
         for i in range(1, n_layers):
-            w, b = stacked(i)
-            # split (not indexing): its backward is a single concatenation of the gradients
-            for k, (wk, bk) in enumerate(zip(w.split(2), b.split(2))):
-                hidden[k].append((wk, bk))
+            for c, (wk, bk) in enumerate(stacked(i, k)):
+                hidden[c].append((wk, bk))
         packed = None
         if (cpu_inference and n_layers > 1 and hid >= ONEDNN_MIN_WIDTH
                 and w0.dtype in (torch.float32, torch.bfloat16) and _onednn_linear_available()):
@@ -462,7 +530,7 @@ class Flow(nn.Module):
         loc = torch.stack([b.norm.loc for b in self.blocks]).unsqueeze(2)
         scale = log_scale.exp()
         return FlowPack(
-            w_in=w_in, w_cond=w_cond, b_in=b0.reshape(k2 * hid, 1), hidden=hidden,
+            w_in=w_in, w_cond=w_cond, b_in=b0.reshape(2 * k * hid, 1), hidden=hidden,
             scale=scale.unbind(0), inv_scale=(-log_scale).exp().unbind(0), shift=(loc * scale).unbind(0),
             neg_loc=(-loc).unbind(0),
             actnorm_logdet=log_scale.float().sum(),
@@ -480,6 +548,10 @@ class Flow(nn.Module):
         """
         if not self.fast_cache or torch.is_grad_enabled():
             self._pack_cache = None
+            if torch.is_grad_enabled() and self.training and not _capturing():
+                layer0 = self.subnet_layers()[0]
+                if layer0[0].requires_grad and _stacked_base(layer0) is None:
+                    self.stack_parameters()  # once: from then on no stacking copies in training steps
             return self.pack(self.fast_dtype)
         if self._pack_params is None:  # the parameters and the permutations (the plan composes them)
             self._pack_params = list(self.parameters()) + [t for b in self.blocks for t in b.shuffle.buffers()]
@@ -491,6 +563,9 @@ class Flow(nn.Module):
             self._pack_cache = None  # free the old copy first
             cpu = self.fast_onednn and self._pack_params[0].device.type == "cpu"
             pack = self.pack(self.fast_dtype, cpu_inference=cpu)
+            # the input layers' column blocks as contiguous copies (strided rows cost ~10 % at small sizes)
+            pack.w_in = [w.contiguous() for w in pack.w_in]
+            pack.w_cond = None if pack.w_cond is None else pack.w_cond.contiguous()
             pack.plan = _build_plan(pack)
             self._pack_cache = (key, pack)
         return self._pack_cache[1]
@@ -530,6 +605,19 @@ class Flow(nn.Module):
         if s.dtype != dtype:
             s, t = s.to(dtype), t.to(dtype)
         return torch.tanh(s), t
+
+    def _workspace(self, p: FlowPack, batch: int, dtype: torch.dtype, device: torch.device) -> _Workspace:
+        """This thread's buffers from its last pass if the shapes match, else new ones (kept if small)."""
+        key = _Workspace.key(p, batch, dtype, device)
+        local = self._workspaces
+        if local is None:
+            local = self._workspaces = threading.local()
+        last = getattr(local, "last", None)
+        if last is not None and last[0] == key:
+            return last[1]
+        ws = _Workspace(p, batch, dtype, device)
+        local.last = (key, ws) if ws.numel <= WORKSPACE_KEEP_NUMEL else None
+        return ws
 
     def _cached_ok(self, p: FlowPack, x: torch.Tensor) -> bool:
         """The buffer-based inference passes apply: a cached pack, a batch, no autocast (out= ops)."""
@@ -620,7 +708,7 @@ class Flow(nn.Module):
 
     def _cached_forward(self, p: FlowPack, x: torch.Tensor, cond: torch.Tensor | None):
         """Forward pass with cached weights (no gradients): same math as ``FlowBlock.forward``."""
-        plan, ws = p.plan, _Workspace(p, x.shape[0], x.dtype, x.device)
+        plan, ws = p.plan, self._workspace(p, x.shape[0], x.dtype, x.device)
         terms = self._input_terms(p, cond)
         da, n = p.dim_a, len(p.perm)
         y = torch.addcmul(plan.fwd_shift0, x.t(), plan.fwd_scale0, out=ws.y[0])  # ActNorm of block 0
@@ -645,7 +733,7 @@ class Flow(nn.Module):
 
     def _cached_inverse(self, p: FlowPack, v: torch.Tensor, cond: torch.Tensor | None, repeats: int = 1):
         """Inverse pass with cached weights (no gradients): same math as ``FlowBlock.inverse``."""
-        plan, ws = p.plan, _Workspace(p, v.shape[0], v.dtype, v.device)
+        plan, ws = p.plan, self._workspace(p, v.shape[0], v.dtype, v.device)
         terms = self._input_terms(p, cond, repeats)
         n = len(p.perm)
         y = torch.index_select(v.t(), 0, plan.inv_index[0], out=ws.y[0])  # permutation of the last block
@@ -668,18 +756,78 @@ def _tensor_key(tensors: list[torch.Tensor]) -> tuple | None:
     """Storage pointers and version counters: a cache keyed by this sees ``.to()`` and in-place updates
     (optimizer steps, ``load_state_dict``); ``None`` where a tensor has no version counter."""
     try:
-        return tuple((t.data_ptr(), t._version) for t in tensors)
+        return tuple(map(torch.Tensor.data_ptr, tensors)), tuple(map(_VERSION, tensors))
     except RuntimeError:  # inference tensors
         return None
 
+
+_VERSION = operator.attrgetter("_version")
+
+
+def _stacked_base(params: list[torch.Tensor]) -> torch.Tensor | None:
+    """A (detached) tensor whose rows are ``params``, if they lie back to back in one storage, else None."""
+    first = params[0]
+    if not first.is_contiguous():
+        return None
+    step, size = first.numel() * first.element_size(), first.shape
+    ptr = first.data_ptr()
+    for i, q in enumerate(params):
+        if q.data_ptr() != ptr + i * step or q.shape != size or q.dtype != first.dtype or not q.is_contiguous():
+            return None
+    storage = first.untyped_storage()
+    if first.storage_offset() * first.element_size() + len(params) * step > storage.nbytes():
+        return None  # (pointers that merely follow on in memory, in another storage)
+    return first.detach().as_strided((len(params), *size), (first.numel(), *first.stride()))
+
+
+class _StackedParams(torch.autograd.Function):
+    """``base`` (whose rows are ``params``' own storage) as ``groups`` equal views: a stack without a
+    copy. Backward: each parameter's gradient is a view of its group's gradient (no concatenation)."""
+
+    @staticmethod
+    def forward(ctx, base: torch.Tensor, groups: int, *params: torch.Tensor):
+        return tuple(base.view(groups, -1, *base.shape[1:]).unbind(0))
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        return (None, None, *(g_param for g in grads for g_param in g.unbind(0)))
+
+
+def _stack(params: list[torch.Tensor], groups: int) -> tuple[torch.Tensor, ...]:
+    """``torch.stack(params)`` in ``groups`` equal parts along dim 0 (differentiable): views when the
+    parameters lie back to back in one storage (``Flow.stack_parameters``), else one copy."""
+    base = _stacked_base(params)
+    if base is None:
+        # split (not indexing): its backward is a single concatenation of the gradients
+        return torch.stack(params).split(len(params) // groups)
+    if torch.is_grad_enabled() and any(q.requires_grad for q in params):
+        return _StackedParams.apply(base, groups, *params)
+    return base.view(groups, -1, *base.shape[1:]).unbind(0)
+
+
 def _reorder(w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w.contiguous())
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def _unshare_state(flow: "Flow", state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """``state_dict`` of a flow whose parameters share stacked storage (``stack_parameters``): give each
+    entry its own storage, as on the plain path (safetensors refuses tensors that share memory)."""
+    for key, value in state_dict.items():
+        if (key.startswith(prefix) and not isinstance(value, nn.Parameter)
+                and value.untyped_storage().nbytes() != value.numel() * value.element_size()):
+            state_dict[key] = value.clone()
 
 
 def _drop_pack_cache(flow: "Flow", *args) -> None:
     """Forget the fast path's cached weights (a state-dict load or ``.to()`` may replace them)."""
     flow._pack_cache = None
     flow._pack_params = None
+    flow._workspaces = None
+    flow._layers = None
 
 
 def set_fast_path(

@@ -380,6 +380,8 @@ def test_bench_runs_end_to_end(tmp_path, monkeypatch):
     assert {r["path"] for r in res["demo"]} == {"plain", "fast", "fast-bf16"}
     fast_demo = next(r for r in res["demo"] if r["path"] == "fast")
     assert fast_demo["rel_err"] < RTOL and fast_demo["ms"] > 0
+    plain_demo = next(r for r in res["demo"] if r["path"] == "plain")
+    assert 0 < fast_demo["ops"] < plain_demo["ops"] / 2  # far fewer ops per sampling call
     paths = ("plain", "fast", "fast-bf16")
     assert {(r["batch"], r["path"]) for r in res["train"]} == {(b, q) for b in (4, 8) for q in paths}
     assert all(r["tflops"] > 0 and r["steps_per_s"] > 0 and r["cpu_ms"] > 0 for r in res["train"])
@@ -422,3 +424,261 @@ def test_bench_rejects_bad_arguments():
         bench.main(["--devices", "cpu", "--paths", "plain,turbo"])
     with pytest.raises(ValueError, match="unknown path"):
         bench.make_step(bench.build("small", torch.device("cpu")), "turbo", torch.device("cpu"), 1e-3)
+
+
+# ---- cached inference passes: one gather + one addcmul per block, couplings in place -------------
+def _aten_ops(fn):
+    """The aten ops (overload names dropped) that ``fn()`` dispatches, in order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Recorder(TorchDispatchMode):
+        ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Recorder.ops.append(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    Recorder.ops = []
+    with Recorder():
+        out = fn()
+    return Recorder.ops, out
+
+
+@pytest.mark.parametrize("dim,cond,depth", [(6, 3, 2), (7, 3, 1), (8, 0, 0), (9, 4, 2), (2, 1, 1)])
+@pytest.mark.parametrize("batch", [1, 5])
+def test_cached_passes_match_plain(dim, cond, depth, batch):
+    """No-grad forward and inverse with cached weights (even and odd dims) == the plain path."""
+    flow = _randomized_flow(dim, cond, n_flows=4, depth=depth).eval()
+    fast = set_fast_path(copy.deepcopy(flow))
+    x = torch.randn(batch, dim)
+    c = torch.randn(batch, cond) if cond else None
+    with torch.no_grad():
+        y0, ld0 = flow(x, c)
+        y1, ld1 = fast(x, c)
+        assert fast._pack_cache is not None and fast._pack_cache[1].plan is not None  # the cached passes ran
+        x0, li0 = flow.inverse(y0, c)
+        x1, li1 = fast.inverse(y0, c)
+        y2, ld2 = fast(x, c)  # again, with this thread's kept buffers
+    for a, b in ((y1, y0), (ld1, ld0), (x1, x0), (li1, li0), (y2, y0), (ld2, ld0)):
+        assert a.shape == b.shape and a.dtype == b.dtype and a.is_contiguous() and rel(a, b) < RTOL
+    assert torch.equal(y1, y2)  # the second pass did not overwrite the first one's output
+    assert (x1 - x).abs().max() < 1e-4
+
+
+def test_cached_inverse_issues_few_ops():
+    """Per block: one gather + one addcmul (no cat/split/stack); per coupling 7 + 2 * depth ops."""
+    n_flows, depth = 6, 1
+    flow = set_fast_path(_randomized_flow(8, 3, n_flows=n_flows, depth=depth).eval())
+    y, c = torch.randn(5, 8), torch.randn(1, 3)
+    with torch.no_grad():
+        flow.inverse(y, c, cond_repeats=5)  # builds the cache and this thread's buffers
+        ops, (x, _) = _aten_ops(lambda: flow.inverse(y, c, cond_repeats=5))
+        ref = flow.eval().inverse  # (the plain path, for the values)
+        set_fast_path(flow, False)
+        x0 = ref(y, c.expand(5, -1))[0]
+    assert rel(x, x0) < RTOL
+    assert not {"cat", "stack", "split", "split_with_sizes", "repeat_interleave", "clone"} & set(ops), ops
+    assert ops.count("index_select") == n_flows + 1 and ops.count("addcmul") == n_flows
+    per_coupling = 7 + 2 * depth  # addmm, (baddbmm, leaky_relu_) x depth, baddbmm, leaky_relu_, tanh, exp, sub_, div_
+    assert len(ops) <= 2 * n_flows * per_coupling + 2 * n_flows + 10, (len(ops), ops)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_cached_passes_bf16_and_prepacked(dtype):
+    """The cached passes with bf16 subnets and with oneDNN pre-packed wide subnets."""
+    from invint_hub.flows import _onednn_linear_available
+
+    for hidden in (16, 512):
+        flow = _randomized_flow(7, 3, n_flows=2, hidden=hidden, depth=1).eval()
+        fast = set_fast_path(copy.deepcopy(flow), dtype=dtype)
+        x, c = torch.randn(4, 7), torch.randn(4, 3)
+        with torch.no_grad():
+            y0, ld0 = flow(x, c)
+            y1, ld1 = fast(x, c)
+            v = torch.randn(4, 7)  # (not y0: the inverse of these random wide flows is ill-conditioned)
+            x0, li0 = flow.inverse(v, c)
+            x1, li1 = fast.inverse(v, c)
+            pack = fast._pack_cache[1]
+        assert pack.plan is not None
+        if hidden == 512 and _onednn_linear_available():
+            assert pack.onednn is not None
+        assert y1.dtype == ld1.dtype == x1.dtype == torch.float32
+        tol = RTOL if dtype is None else 5e-2
+        assert rel(y1, y0) < tol and rel(ld1, ld0) < tol and rel(x1, x0) < tol and rel(li1, li0) < tol
+
+
+def test_cached_passes_are_thread_safe():
+    """Every thread has its own buffers: concurrent samples equal the serial ones."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    flow = set_fast_path(_randomized_flow(8, 3, n_flows=3).eval())
+    inputs = [(torch.randn(6, 8), torch.randn(6, 3)) for _ in range(8)]
+    with torch.no_grad():
+        serial = [flow.inverse(y, c)[0] for y, c in inputs]
+
+    def run(i):
+        with torch.no_grad():
+            return [flow.inverse(*inputs[i])[0] for _ in range(20)]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(run, range(8)))
+    for ref, outs in zip(serial, results):
+        assert all(torch.equal(o, ref) for o in outs)
+
+
+def test_cached_plan_follows_actnorm_and_permutation_changes():
+    """The folded ActNorm constants and composed gathers are rebuilt after any change of their sources."""
+    flow = _randomized_flow(8, 3, n_flows=3).eval()
+    fast = set_fast_path(copy.deepcopy(flow))
+    y, c = torch.randn(4, 8), torch.randn(4, 3)
+    with torch.no_grad():
+        fast.inverse(y, c)
+        for f in (flow, fast):
+            f.blocks[1].norm.log_scale.add_(0.2)
+            f.blocks[2].norm.loc.mul_(-1)
+        assert rel(fast.inverse(y, c)[0], flow.inverse(y, c)[0]) < RTOL
+        assert rel(fast(y, c)[0], flow(y, c)[0]) < RTOL
+        perm = torch.randperm(8, generator=torch.Generator().manual_seed(5))
+        for f in (flow, fast):  # a changed permutation buffer (in place)
+            f.blocks[0].shuffle.perm.copy_(perm)
+            f.blocks[0].shuffle.inv_perm.copy_(torch.argsort(perm))
+        assert rel(fast.inverse(y, c)[0], flow.inverse(y, c)[0]) < RTOL
+        assert rel(fast(y, c)[0], flow(y, c)[0]) < RTOL
+
+
+# ---- the embedder with its ActNorms folded (fast-path inference) --------------------------------
+@pytest.mark.parametrize("cond_shape,kw", [([7], {}), ([6, 8, 8], {}), ([5, 4, 4], {"embedder_down": 0}),
+                                           ([3, 16, 16], {"embedder_down": 1})])
+def test_folded_embedder_matches_plain(cond_shape, kw):
+    from invint_hub.cinn import fold_embedder
+
+    t = _cinn(cond_shape, **kw).eval()
+    with torch.no_grad():
+        for m in t.embedder.modules():  # non-trivial ActNorms
+            if isinstance(m, ActNorm):
+                m.loc.normal_()
+                m.log_scale.normal_(0, 0.3)
+    steps = fold_embedder(t.embedder, t.cond_shape)
+    kinds = [s[0] for s in steps]
+    assert "linear" in kinds and kinds[-1] == "linear"  # the map-sized conv runs as one matmul
+    n_norms = sum(isinstance(m, ActNorm) for m in t.embedder.modules())
+    n_weights = sum(isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) for m in t.embedder.modules())
+    assert (n_norms > 0) == (kw.get("embedder_down") != 0)  # (no strided convs, no ActNorm)
+    assert len([k for k in kinds if k in ("linear", "conv")]) == n_weights  # the ActNorms are folded away
+    f = copy.deepcopy(t).fast(True)
+    z = torch.randn(3, *cond_shape)
+    with torch.no_grad():
+        e0, e1 = t.embed(z), f.embed(z)
+        assert f._embed_cache is not None and f._embed_cache[1] is not None
+        ops, _ = _aten_ops(lambda: f.embed(z))
+        v = torch.randn(3, 10)
+        assert rel(f.inverse(v, z), t.inverse(v, z)) < RTOL
+        s0 = t.sample(z[:1], n=4, generator=torch.Generator().manual_seed(0))
+        s1 = f.sample(z[:1], n=4, generator=torch.Generator().manual_seed(0))
+    assert rel(e1, e0) < RTOL and rel(s1, s0) < RTOL
+    assert "mul" not in ops and "exp" not in ops  # no ActNorm ops left
+    e = f.embed(z)  # gradients on: the plain modules run and get gradients
+    assert e.requires_grad and rel(e.detach(), e0) < RTOL
+    e.sum().backward()
+    assert next(f.embedder.parameters()).grad is not None
+
+
+def test_folded_embedder_cache_follows_weight_changes():
+    t = _cinn([6, 8, 8]).eval()
+    f = copy.deepcopy(t).fast(True)
+    z = torch.randn(2, 6, 8, 8)
+    with torch.no_grad():
+        f.embed(z)
+        first = f._embed_cache
+        for m in (t, f):
+            m.embedder.net[0].weight.mul_(1.3)  # an in-place update (an optimizer step)
+            next(x for x in m.embedder.modules() if isinstance(x, ActNorm)).loc.add_(0.5)
+        assert rel(f.embed(z), t.embed(z)) < RTOL and f._embed_cache is not first
+        other = _cinn([6, 8, 8])
+        with torch.no_grad():
+            for p in other.embedder.parameters():
+                p.add_(0.1)
+        t.load_state_dict(other.state_dict())
+        f.load_state_dict(other.state_dict())
+        assert f._embed_cache is None  # dropped by the load
+        assert rel(f.embed(z), t.embed(z)) < RTOL
+        out = f.double().embed(z.double())
+        assert out.dtype == torch.float64 and rel(out, t.double().embed(z.double())) < 1e-10
+        f.fast(False)
+        assert torch.equal(f.embed(z.double()), t.embed(z.double()))  # off the fast path: the plain embedder
+    c = copy.deepcopy(f.fast(True))
+    assert c._embed_cache is None
+
+
+def test_embedder_actnorm_init_not_skipped_on_the_fast_path():
+    """A fast-path model in training mode still initialises its embedder's ActNorms from data."""
+    torch.manual_seed(0)
+    t = ConditionalINN(latent_dim=8, cond_shape=[6], embed_dim=4, n_flows=2, hidden=8, depth=1, embedder_depth=3)
+    f = copy.deepcopy(t).fast(True)
+    zbar, z = torch.randn(64, 8), torch.randn(64, 6) * 3 + 2
+    with torch.no_grad():  # the data-dependent init pass, as train.py does it
+        t.train()(zbar, z)
+        f.train()(zbar, z)
+        norms = [(a, b) for a, b in zip(t.embedder.modules(), f.embedder.modules()) if isinstance(a, ActNorm)]
+        assert norms and all(a.initialized.item() == b.initialized.item() == 1 for a, b in norms)
+        assert all(torch.allclose(a.loc, b.loc, atol=1e-6) for a, b in norms)
+        assert rel(f.eval().embed(z), t.eval().embed(z)) < RTOL
+
+
+# ---- training on the fast path: parameters stacked once, no copies per step ----------------------
+def test_fast_training_stacks_parameters_once(tmp_path):
+    from invint_hub.flows import _stacked_base
+
+    t = _cinn([7], hidden=32)
+    f = copy.deepcopy(t).fast(True)
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in (t, f)]
+    params_before = list(f.parameters())
+    g = torch.Generator().manual_seed(3)
+    for step in range(3):
+        zbar, z = torch.randn(8, 10, generator=g), torch.randn(8, 7, generator=g)
+        for m, opt in zip((t, f), opts):
+            opt.zero_grad(set_to_none=True)
+            m.train().nll(zbar, z).mean().backward()
+            opt.step()
+        layers = f.flow.subnet_layers()
+        assert all(_stacked_base(group) is not None for group in layers)  # one storage per layer
+    assert all(a is b for a, b in zip(params_before, f.parameters()))  # the same parameter objects
+    for (n, a), b in zip(t.named_parameters(), f.parameters()):
+        assert (a - b).abs().max() < 1e-5, n
+    # each gradient is a view of its layer's stacked gradient (no concatenation), hidden layers included
+    w = f.flow.subnet_layers()[2]
+    assert w[0].grad.untyped_storage().data_ptr() == w[1].grad.untyped_storage().data_ptr()
+    # one training step copies no hidden-layer-sized weight or gradient stack
+    hid_numel = w[0].numel() * len(w)
+    sizes = []
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Sizes(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.__name__.split(".")[0] in ("stack", "cat", "clone", "copy_") and isinstance(out, torch.Tensor):
+                sizes.append(out.numel())
+            return out
+
+    with Sizes():
+        f.nll(zbar, z).mean().backward()
+    assert sizes and max(sizes) < hid_numel, (max(sizes), hid_numel)
+    # the state dict: same keys, independent tensors, a byte-identical file, reloads on both paths
+    sd = f.state_dict()
+    assert list(sd) == list(t.state_dict())
+    assert all(v.untyped_storage().nbytes() == v.numel() * v.element_size() for v in sd.values())
+    f.save_pretrained(tmp_path / "fast")
+    copy.deepcopy(f).fast(False).save_pretrained(tmp_path / "plain")
+    saved = [(tmp_path / d / "model.safetensors").read_bytes() for d in ("fast", "plain")]
+    assert saved[0] == saved[1]
+    loaded = ConditionalINN.from_pretrained(tmp_path / "fast").eval()
+    v, zv = torch.randn(3, 10), torch.randn(3, 7)
+    with torch.no_grad():
+        ref = f.eval().inverse(v, zv)
+        assert rel(loaded.inverse(v, zv), ref) < RTOL and rel(loaded.fast(True).inverse(v, zv), ref) < RTOL
+        assert rel(f.fast(False).inverse(v, zv), ref) < RTOL
+    # .to() gives the parameters their own storage again; the next fast step restacks
+    f.double().float().fast(True).train()
+    assert _stacked_base(f.flow.subnet_layers()[2]) is None
+    f.nll(zbar, z).mean().backward()
+    assert _stacked_base(f.flow.subnet_layers()[2]) is not None
