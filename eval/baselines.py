@@ -19,7 +19,7 @@ from torch import nn
 
 from invint_hub.autoencoder import Autoencoder, FeaturePerceptualLoss
 from invint_hub.backbones import Backbone
-from invint_hub.cinn import INN, ConvEmbedder, DenseEmbedder
+from invint_hub.cinn import INN, make_embedder
 from invint_hub.hub import HUB_KWARGS, HubMixin
 
 
@@ -66,15 +66,9 @@ class InverseDecoder(nn.Module, HubMixin, **HUB_KWARGS):
         layer: str | None = None,
     ):
         super().__init__()
-        cond_shape = tuple(int(c) for c in cond_shape)
-        if len(cond_shape) not in (1, 3):
-            raise ValueError(f"cond_shape must be [C] or [C, H, W], got {list(cond_shape)}")
-        self.cond_shape, self.layer = cond_shape, layer
+        self.cond_shape, self.layer = tuple(int(c) for c in cond_shape), layer
         self.image_size, self.channels = image_size, channels
-        if len(cond_shape) == 1 or cond_shape[1] * cond_shape[2] == 1:
-            self.embedder: nn.Module = DenseEmbedder(math.prod(cond_shape), latent_dim, embedder_depth)
-        else:
-            self.embedder = ConvEmbedder(cond_shape[0], cond_shape[1], latent_dim, None, embedder_width)
+        self.embedder = make_embedder(self.cond_shape, latent_dim, embedder_depth, None, embedder_width)
         ae = Autoencoder(image_size, channels, latent_dim, width, n_down, max_mult)
         self.from_latent, self.decoder = ae.from_latent, ae.decoder
         self._top, self._bottom = ae._top, ae.bottom

@@ -136,6 +136,19 @@ def run_folded(steps: list[EmbedStep], z: torch.Tensor) -> torch.Tensor:
     return h
 
 
+def make_embedder(cond_shape, out_dim: int, depth: int = 3, n_down: int | None = None, width: int = 64) -> nn.Module:
+    """The embedder for a representation of shape ``[C]`` or ``[C, H, W]``: dense for flat (or 1x1) features,
+    strided convs for square maps. Raises ``ValueError`` for other shapes."""
+    cond_shape = tuple(int(c) for c in cond_shape)
+    if len(cond_shape) not in (1, 3):
+        raise ValueError(f"cond_shape must be [C] or [C, H, W], got {list(cond_shape)}")
+    if len(cond_shape) == 1 or cond_shape[1] * cond_shape[2] == 1:
+        return DenseEmbedder(math.prod(cond_shape), out_dim, depth)
+    if cond_shape[1] != cond_shape[2]:
+        raise ValueError(f"spatial conditions must be square, got {list(cond_shape)}")
+    return ConvEmbedder(cond_shape[0], cond_shape[1], out_dim, n_down, width)
+
+
 class ConditionalINN(nn.Module, HubMixin, **HUB_KWARGS):
     """The paper's t: z_bar (autoencoder latent) -> v (invariances), conditioned on z = Phi(x).
 
@@ -169,18 +182,10 @@ class ConditionalINN(nn.Module, HubMixin, **HUB_KWARGS):
         layer: str | None = None,
     ):
         super().__init__()
-        cond_shape = tuple(int(c) for c in cond_shape)
-        if len(cond_shape) not in (1, 3):
-            raise ValueError(f"cond_shape must be [C] or [C, H, W], got {list(cond_shape)}")
         self.latent_dim = latent_dim
-        self.cond_shape = cond_shape
+        self.cond_shape = cond_shape = tuple(int(c) for c in cond_shape)
         self.layer = layer
-        if len(cond_shape) == 1 or cond_shape[1] * cond_shape[2] == 1:
-            self.embedder: nn.Module = DenseEmbedder(math.prod(cond_shape), embed_dim, embedder_depth)
-        else:
-            if cond_shape[1] != cond_shape[2]:
-                raise ValueError(f"spatial conditions must be square, got {list(cond_shape)}")
-            self.embedder = ConvEmbedder(cond_shape[0], cond_shape[1], embed_dim, embedder_down, embedder_width)
+        self.embedder = make_embedder(cond_shape, embed_dim, embedder_depth, embedder_down, embedder_width)
         self.flow = Flow(latent_dim, embed_dim, n_flows, hidden, depth, seed=seed)
         # fast-path inference: the embedder with its ActNorms folded (see ``fold_embedder``), keyed by
         # the embedder's tensors like the flow's weight cache; never saved
