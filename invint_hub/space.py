@@ -272,6 +272,7 @@ class ModelRegistry:
         per_model_limit: requests one pipeline computes at the same time.
         examples_per_model: example images written at load time.
         example_dir: where they go (default: a fresh temporary folder).
+        fast: run the cINNs on the fast path (``InvariancePipeline.fast``; same results, faster sampling).
     """
 
     def __init__(
@@ -281,6 +282,7 @@ class ModelRegistry:
         per_model_limit: int = 2,
         examples_per_model: int = 10,
         example_dir: str | Path | None = None,
+        fast: bool = True,
     ):
         names = list(embedded_pipelines()) if include_embedded else []
         for n in extra:
@@ -294,6 +296,7 @@ class ModelRegistry:
         self.names = names
         self.per_model_limit = per_model_limit
         self.examples_per_model = examples_per_model
+        self.fast = fast
         self.example_dir = Path(example_dir) if example_dir else Path(tempfile.mkdtemp(prefix="invint_space_"))
         self._entries = {n: ModelEntry(n, source_label(n)) for n in names}
         self._locks = {n: threading.Lock() for n in names}
@@ -316,7 +319,7 @@ class ModelRegistry:
         with self._locks[name]:
             if entry.pipe is None:
                 try:
-                    pipe = InvariancePipeline.from_pretrained(resolve_pipeline_dir(name))
+                    pipe = InvariancePipeline.from_pretrained(resolve_pipeline_dir(name)).fast(self.fast)
                 except Exception as e:  # offline Hub, bad folder, corrupt weights: one line for the UI
                     entry.error = one_line(e)
                     raise ValueError(f"could not load model {name!r}: {entry.error}") from None
