@@ -552,7 +552,7 @@ def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concur
                         walk_img = gr.Image(label="Each concept from -3 to +3", format="png", interactive=False,
                                             elem_id="walk-grid", buttons=["download", "fullscreen"])
                 with gr.Accordion("Which concepts does each layer encode?", open=False):
-                    run_layers = gr.Button("Measure (about a second per layer)", elem_id="run-concept-layers")
+                    run_layers = gr.Button("Measure", elem_id="run-concept-layers")
                     layers_md = gr.Markdown(elem_id="concept-layers")
 
             with gr.Tab("About", id="about"):
