@@ -549,8 +549,7 @@ def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concur
                         edited = gr.Image(label="Edited", format="png", height=160, interactive=False,
                                           elem_classes="pixelated", buttons=[], elem_id="edited")
                         edit_md = gr.Markdown(elem_id="edit-summary")
-                        walk_img = gr.Image(label="Each concept from -3 to +3", format="png", interactive=False,
-                                            elem_id="walk-grid", buttons=["download", "fullscreen"])
+                        walk_img = ResultImage("Each concept from -3 to +3", "walk-grid")
                 with gr.Accordion("Which concepts does each layer encode?", open=False):
                     run_layers = gr.Button("Measure", elem_id="run-concept-layers")
                     layers_md = gr.Markdown(elem_id="concept-layers")

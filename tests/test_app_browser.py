@@ -38,7 +38,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def served(tiny_pipeline_dir, tmp_path_factory):
     """The app on the embedded MNIST pipeline when it exists (realistic screenshots), else the tiny one."""
-    models = ["mnist"] if "mnist" in embedded_pipelines() else [str(tiny_pipeline_dir)]
+    models = [m for m in ("mnist", "colormnist") if m in embedded_pipelines()] or [str(tiny_pipeline_dir)]
     registry = ModelRegistry(models, include_embedded=False, examples_per_model=10,
                              example_dir=tmp_path_factory.mktemp("examples"))
     demo = app.build_demo(registry)
@@ -144,3 +144,23 @@ def test_bad_upload_shows_one_line_and_page_survives(served, page, bad_image_fil
     page.get_by_role("tab", name="Interpret").click()  # the first session still works
     page.click("#run-interpret")
     page.wait_for_function("document.querySelectorAll('#samples img').length >= 16")
+
+
+@pytest.mark.skipif("colormnist" not in embedded_pipelines(), reason="needs the embedded ColorMNIST pipeline")
+def test_concepts_tab_switches_model_transfers_and_edits(page, shots):
+    page.get_by_role("tab", name="Concepts").click()
+    assert "no concept model" in page.locator("#concept-intro").inner_text()
+    page.click("#concept-switch")  # selects colormnist: intro, sliders and examples follow
+    page.wait_for_function("document.querySelector('#concept-intro').innerText.includes('splits the autoencoder code')")
+    page.wait_for_selector("#concept-slider-2", state="visible")
+    assert "bg" in page.locator("#concept-slider-2").inner_text()
+    assert page.locator("#concept-slider-3").is_hidden()  # three concepts: digit, fg, bg
+    page.locator("#concept-examples tbody tr").nth(1).click()  # one click: target + source, then transfer
+    page.wait_for_selector("#transfer-grid img")
+    page.locator("#concept-slider-1 input[type=number]").fill("2")
+    page.locator("#concept-slider-1 input[type=number]").press("Enter")
+    page.locator("#concept-image-examples button.gallery-item").nth(4).click()  # one click: image, then edit
+    page.wait_for_selector("#walk-grid img")
+    page.wait_for_function("document.querySelector('#edit-summary').innerText.includes('fg +2')")
+    page.screenshot(path=str(shots / "concepts.png"), full_page=True, timeout=SHOT_MS)
+
