@@ -389,17 +389,21 @@ def make_plots(results: dict, out: Path) -> list[str]:
         ax.set_title(title)
         ax.grid(alpha=0.3)
 
+    def per_layer(ax, key, cinn_label="cINN samples", base_label="deterministic inverse", rec_label="reconstruction"):
+        """A metric vs layer: cINN samples (mean +- std over draws), the deterministic inverse, the reconstruction."""
+        ax.errorbar(xs, [results["layers"][l][key]["mean"] for l in layers],
+                    yerr=[results["layers"][l][key]["std"] for l in layers], marker="o", capsize=4, label=cinn_label)
+        if base:
+            ax.plot(xs, [base[l][key] if l in base else float("nan") for l in layers], marker="s", label=base_label)
+        if key in rec and rec_label:
+            ax.axhline(rec[key], ls="--", c="gray", label=rec_label)
+
     if layers:
         for key, label, name in (("fid", "FID", "fid_vs_layer.png"), ("kid", "KID", "kid_vs_layer.png")):
             fig, axes = plt.subplots(1, 2 if key == "fid" else 1, figsize=(11 if key == "fid" else 6, 4))
             ax = axes[0] if key == "fid" else axes
-            m = [results["layers"][l][key]["mean"] for l in layers]
-            s = [results["layers"][l][key]["std"] for l in layers]
-            ax.errorbar(xs, m, yerr=s, marker="o", capsize=4, label=f"cINN samples D(t^-1(v|z)) (mean +- std, {results['settings']['draws']} draws)")
-            if base:
-                ax.plot(xs, [base[l][key] if l in base else float("nan") for l in layers], marker="s", label="deterministic inverse")
-            if key in rec:
-                ax.axhline(rec[key], ls="--", c="gray", label="autoencoder reconstruction (floor)")
+            per_layer(ax, key, f"cINN samples D(t^-1(v|z)) (mean +- std, {results['settings']['draws']} draws)",
+                      rec_label="autoencoder reconstruction (floor)")
             axis(ax, f"{label} vs layer (ours, n={results['settings']['n_images']})", label)
             ax.legend(fontsize=8)
             if key == "fid":
@@ -418,32 +422,19 @@ def make_plots(results: dict, out: Path) -> list[str]:
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         ax = axes[0]
-        ax.errorbar(xs, [results["layers"][l]["class_agreement"]["mean"] for l in layers],
-                    yerr=[results["layers"][l]["class_agreement"]["std"] for l in layers], marker="o", capsize=4, label="cINN samples")
-        if base:
-            ax.plot(xs, [base[l]["class_agreement"] if l in base else float("nan") for l in layers], marker="s", label="deterministic inverse")
-        if "class_agreement" in rec:
-            ax.axhline(rec["class_agreement"], ls="--", c="gray", label="reconstruction")
+        per_layer(ax, "class_agreement")
         axis(ax, "class agreement with the input", "share of images")
         ax.set_ylim(0, 1.05)
         ax.legend(fontsize=8)
         ax = axes[1]
-        ax.errorbar(xs, [results["layers"][l]["cosine"]["mean"] for l in layers],
-                    yerr=[results["layers"][l]["cosine"]["std"] for l in layers], marker="o", capsize=4, label="cos(Phi(sample), Phi(x))")
-        if base:
-            ax.plot(xs, [base[l]["cosine"] if l in base else float("nan") for l in layers], marker="s", label="cos(Phi(det. inverse), Phi(x))")
+        per_layer(ax, "cosine", "cos(Phi(sample), Phi(x))", "cos(Phi(det. inverse), Phi(x))", rec_label=None)
         ax.plot(xs, [results["layers"][l]["cosine_random_pairs"] for l in layers], marker="x", ls=":", label="random pairs of test images")
         axis(ax, "re-encoding cosine similarity", "cosine")
         ax.legend(fontsize=8)
         finish(fig, "consistency_vs_layer.png")
 
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.errorbar(xs, [results["layers"][l]["pixel_distance"]["mean"] for l in layers],
-                    yerr=[results["layers"][l]["pixel_distance"]["std"] for l in layers], marker="o", capsize=4, label="cINN samples")
-        if base:
-            ax.plot(xs, [base[l]["pixel_distance"] if l in base else float("nan") for l in layers], marker="s", label="deterministic inverse")
-        if "pixel_distance" in rec:
-            ax.axhline(rec["pixel_distance"], ls="--", c="gray", label="reconstruction")
+        per_layer(ax, "pixel_distance")
         axis(ax, "mean pixel distance to the input", "mean |a - b| on [0, 1]")
         ax.legend(fontsize=8)
         finish(fig, "pixel_distance_vs_layer.png")

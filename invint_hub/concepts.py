@@ -455,11 +455,14 @@ def encode_concepts(pipe, images) -> dict[str, torch.Tensor]:
 def transfer_latents(pipe, target, source, concept: ConceptLike, amount: float = 1.0) -> torch.Tensor:
     """z_bar of the target with concept(s) taken from the source: e^-1(e(t) with e_c <- e_c(t) + amount (e_c(s) - e_c(t)))."""
     e = _model(pipe)
-    mask = e.factor_mask(concept).to(pipe.device)
     zt, zs = _pair_up(pipe.encode(target), pipe.encode(source))
-    ct, cs = e(zt)[0], e(zs)[0]
-    code = torch.where(mask[None], ct + float(amount) * (cs - ct), ct)
-    return e.inverse(code)
+    return e.inverse(transfer_codes(e, e(zt)[0], e(zs)[0], concept, amount))
+
+
+def transfer_codes(e: FactorINN, ct: torch.Tensor, cs: torch.Tensor, concept: ConceptLike, amount: float = 1.0) -> torch.Tensor:
+    """Codes of e: ``ct`` with the factor(s) of ``concept`` moved ``amount`` of the way to ``cs``'s."""
+    mask = e.factor_mask(concept).to(ct.device)
+    return torch.where(mask[None], ct + float(amount) * (cs - ct), ct)
 
 
 @torch.no_grad()
@@ -806,6 +809,6 @@ def train_concepts(acc, cfg: dict, args, out: Path):
 __all__ = [
     "FactorINN", "pair_loss", "shared_factor_mask", "factor_scores", "dims_from_scores", "estimate_factor_dims",
     "usable_dims", "PairDataset", "ColorMNISTPairs", "LabelPairs", "AttributePairs", "load_attribute_images",
-    "encode_concepts", "transfer", "transfer_latents", "edit", "concept_direction", "sample_images",
+    "encode_concepts", "transfer", "transfer_latents", "transfer_codes", "edit", "concept_direction", "sample_images",
     "concept_variance_explained", "network_response", "train_concepts", "concept_settings",
 ]

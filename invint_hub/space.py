@@ -535,13 +535,16 @@ class Mix:
     pred_b_with_a: dict[str, int]
 
 
+def _codes(pipe: InvariancePipeline, x: torch.Tensor):
+    """One pass each: every cINN layer's representation (and the logits) and the latent mean of a batch."""
+    layers, logits_layer = pipe.layers, pipe.backbone.logits_layer
+    return layers, logits_layer, pipe.backbone.forward_layers(x, layers + [logits_layer]), pipe.autoencoder.encode(x).mode()
+
+
 @torch.inference_mode()
 def mix(pipe: InvariancePipeline, xa: torch.Tensor, xb: torch.Tensor) -> Mix:
     x = torch.cat([xa, xb])
-    layers = pipe.layers
-    logits_layer = pipe.backbone.logits_layer
-    feats = pipe.backbone.forward_layers(x, layers + [logits_layer])
-    zbar = pipe.autoencoder.encode(x).mode()
+    layers, logits_layer, feats, zbar = _codes(pipe, x)
     swapped = []
     for l in layers:
         v = pipe.cinns[l](zbar, feats[l])[0]
@@ -580,10 +583,7 @@ def adversarial(pipe: InvariancePipeline, x: torch.Tensor, eps: float = 0.1, see
         raise ValueError(f"seed must be >= 0, got {seed}")
     x_adv = fgsm(pipe.backbone, x, eps)
     xs = torch.cat([x, x_adv, sign_noise(x, eps, seed)])
-    layers = pipe.layers
-    logits_layer = pipe.backbone.logits_layer
-    feats = pipe.backbone.forward_layers(xs, layers + [logits_layer])
-    zbar = pipe.autoencoder.encode(xs).mode()
+    layers, logits_layer, feats, zbar = _codes(pipe, xs)
     seen = []
     for l in layers:
         v_orig = pipe.cinns[l](zbar[:1], feats[l][:1])[0]
@@ -633,9 +633,9 @@ def concept_transfer(pipe: InvariancePipeline, target: torch.Tensor, source: tor
     names = e.concept_names
     columns: list = list(names) + ([list(names)] if len(names) > 1 else [])
     x = torch.cat([target, source])
-    zbar = torch.cat([_concepts.transfer_latents(pipe, torch.cat([target, source]), torch.cat([source, target]), c, amount)
-                      for c in columns])  # (len(columns) * 2, latent): per column, target row then source row
-    dec = pipe.decode(zbar)
+    code = e(pipe.encode(x))[0]  # encoded once; per column: target with the source's concept, then the reverse
+    codes = torch.cat([_concepts.transfer_codes(e, code, code.flip(0), c, amount) for c in columns])
+    dec = pipe.decode(e.inverse(codes))
     preds = pipe.backbone(torch.cat([x, dec])).argmax(1).tolist()
     k = len(columns)
     rows = dec.view(k, 2, *dec.shape[1:]).transpose(0, 1)
