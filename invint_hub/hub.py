@@ -34,7 +34,14 @@ BIBTEX = """@inproceedings{rombach2020making,
 
 
 class HubMixin(PyTorchModelHubMixin):
-    """``PyTorchModelHubMixin`` with strict, safetensors-only loading and optional fp16 saving."""
+    """``PyTorchModelHubMixin`` with strict, checked, safetensors-only loading and optional fp16 saving.
+
+    Saving writes ``config.json`` (the constructor arguments) and ``model.safetensors`` whose header records the
+    sha256 of its tensor data. Loading checks, and names the file in every error: ``config.json`` exists and has
+    only known keys of the right types; the weights file is a complete safetensors file whose tensors hash to the
+    recorded sha256 (files written before hashes were recorded load without that check); its keys and shapes are
+    exactly the model's.
+    """
 
     _save_dtype: torch.dtype | None = None
 
@@ -55,7 +62,7 @@ class HubMixin(PyTorchModelHubMixin):
             if self._save_dtype is not None and v.is_floating_point():
                 v = v.to(self._save_dtype)
             state[k] = v.contiguous().clone()
-        save_file(state, str(Path(save_directory) / WEIGHTS_NAME), metadata={"format": "pt"})
+        save_file(state, str(Path(save_directory) / WEIGHTS_NAME), metadata={"format": "pt", "sha256": tensors_sha256(state)})
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *, strict: bool = True, **kwargs):  # type: ignore[override]
@@ -74,9 +81,17 @@ class HubMixin(PyTorchModelHubMixin):
         token,
         map_location: str = "cpu",
         strict: bool = True,
+        config: dict | None = None,  # the raw config.json (huggingface_hub passes it when this parameter exists)
         **model_kwargs,
     ):
-        model = cls(**model_kwargs)
+        where = os.path.join(model_id, "config.json") if os.path.isdir(model_id) else f"config.json of {model_id}"
+        if config is None:
+            raise FileNotFoundError(f"{model_id} has no config.json: not a saved {cls.__name__}")
+        check_config(cls, config, where)
+        try:
+            model = cls(**model_kwargs)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: cannot build {cls.__name__} from it: {err}") from err
         if os.path.isdir(model_id):
             model_file = os.path.join(model_id, WEIGHTS_NAME)
             if not os.path.isfile(model_file):
@@ -95,11 +110,91 @@ class HubMixin(PyTorchModelHubMixin):
         return model.eval()
 
 
-def load_weights(model: torch.nn.Module, path: str | Path, strict: bool = True, map_location: str = "cpu") -> None:
-    """Load a safetensors file into ``model``; with ``strict`` a missing or extra key raises ``RuntimeError``."""
+def check_config(cls: type, config: dict, where: str) -> None:
+    """``ValueError`` naming ``where`` and the key for a key that ``cls.__init__`` does not take, or a value whose
+    type its annotation rules out (int / float / bool / str / list / dict and their ``| None`` forms)."""
+    import inspect
+    import typing
+
+    params = {k: p for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+    unknown = sorted(set(config) - set(params))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown} for {cls.__name__}; it takes {sorted(params)}")
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:  # annotations that cannot be resolved: nothing to check against
+        return
+    for key, value in config.items():
+        allowed = _allowed_types(hints.get(key))
+        # (bool is an int in Python: true/false must not pass for a number)
+        if allowed and (not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)):
+            names = sorted({t.__name__ for t in allowed} - {"NoneType"}) + (["null"] if type(None) in allowed else [])
+            raise ValueError(f"{where}: {key} = {value!r} ({type(value).__name__}); expected {' or '.join(names)}")
+
+
+def _allowed_types(hint) -> tuple[type, ...] | None:
+    """JSON-level types a config value may have for an annotation, or None when it cannot be told."""
+    import types
+    import typing
+
+    if hint is None:
+        return None
+    args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    out: list[type] = []
+    for a in args:
+        base = typing.get_origin(a) or a
+        if a is type(None):
+            out.append(type(None))
+        elif base in (list, tuple):
+            out += [list, tuple]
+        elif base is float:
+            out += [float, int]
+        elif base is int:
+            out.append(int)
+        elif base in (str, bool, dict):
+            out.append(base)
+        else:
+            return None  # some other type (a module, a dtype): not checked here
+    return tuple(out)
+
+
+def tensors_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over the keys and raw bytes of a state dict's tensors, in key order (what a safetensors file stores)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(k.encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_safetensors(path: str | Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, checked: a damaged or truncated file, or tensor data that does not hash
+    to the sha256 its header records, is a ``ValueError`` that names the file."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    state = load_file(str(path), device=str(map_location))
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise ValueError("the file is empty")
+        with safe_open(str(path), framework="pt") as f:
+            recorded = (f.metadata() or {}).get("sha256")
+        state = load_file(str(path), device="cpu")
+    except Exception as err:  # safetensors raises its own error types (SafetensorError, OSError, ...)
+        raise ValueError(f"{path} is not a complete safetensors file ({err}); re-download or re-save it") from err
+    if recorded is not None and tensors_sha256(state) != recorded:
+        raise ValueError(f"{path} is damaged: its tensor data does not match the sha256 recorded in its header; "
+                         f"re-download or re-save it")
+    return {k: v.to(device) for k, v in state.items()} if device != "cpu" else state
+
+
+def load_weights(model: torch.nn.Module, path: str | Path, strict: bool = True, map_location: str = "cpu") -> None:
+    """Load a safetensors file into ``model``; with ``strict`` a missing or extra key or a shape that differs from
+    the model's raises ``RuntimeError`` naming the file (a damaged file: ``ValueError``, see ``read_safetensors``)."""
+    state = read_safetensors(path, device=str(map_location))
     own = model.state_dict()
     if strict:
         missing = sorted(set(own) - set(state))
@@ -110,6 +205,11 @@ def load_weights(model: torch.nn.Module, path: str | Path, strict: bool = True, 
                 f"missing keys {missing[:10]}{'...' if len(missing) > 10 else ''}, "
                 f"unexpected keys {unexpected[:10]}{'...' if len(unexpected) > 10 else ''}"
             )
+    wrong = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items() if k in own and v.shape != own[k].shape]
+    if wrong:
+        k, got, want = wrong[0]
+        raise RuntimeError(f"weights in {path} do not fit the model that its config.json describes: {k} has shape {got}, "
+                         f"the model needs {want} ({len(wrong)} tensor(s) differ; config.json and weights disagree)")
     for k, v in state.items():  # keep each tensor's own dtype (fp16 files load into fp32 models)
         if k in own and own[k].is_floating_point():
             state[k] = v.to(own[k].dtype)
