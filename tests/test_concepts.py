@@ -375,7 +375,7 @@ def test_concept_model_must_match_the_autoencoder(cpipe):
 def test_colormnist_config_concepts_section():
     from pathlib import Path
 
-    from invint_hub.concepts import concept_settings
+    from invint_hub.train.config import concept_settings
 
     cfg = yaml.safe_load((Path(__file__).parent.parent / "configs" / "colormnist.yaml").read_text())
     c = concept_settings(cfg)

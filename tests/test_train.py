@@ -91,13 +91,82 @@ def test_two_processes_with_accelerate_launch(trained, tiny_config, tmp_path):
 
 
 def test_bf16_cinn_stage_keeps_fp32_weights_and_logdet(trained, tiny_config, tmp_path):
+    """In a fresh process: accelerate keeps one mixed-precision setting per process."""
     import shutil
 
     for d in ("backbone", "autoencoder"):
         shutil.copytree(trained / d, tmp_path / d)
-    r = main(["cinn", "--config", str(tiny_config), "--output-dir", str(tmp_path), "--layer", "fc", "--quiet",
-              "--mixed-precision", "bf16", "--cpu"])
-    assert r["fc"] is not None and torch.isfinite(torch.tensor(r["fc"]["bpd"]))
+    cmd = [sys.executable, "-m", "invint_hub.train", "cinn", "--config", str(tiny_config), "--output-dir", str(tmp_path),
+           "--layer", "fc", "--quiet", "--mixed-precision", "bf16", "--cpu"]
+    res = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).parent.parent)
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((tmp_path / "cinn" / "fc" / "metrics.json").read_text())
+    assert torch.isfinite(torch.tensor(metrics["bpd"]))
     t = ConditionalINN.from_pretrained(tmp_path / "cinn" / "fc")
     assert next(t.parameters()).dtype == torch.float32
 
+
+def test_another_mixed_precision_in_the_same_process_is_a_clear_error(trained, tiny_config, tmp_path):
+    import shutil
+
+    for d in ("backbone", "autoencoder"):
+        shutil.copytree(trained / d, tmp_path / d)
+    with pytest.raises(ValueError, match="--mixed-precision fp16: this process already trained with mixed precision 'no'"):
+        main(["cinn", "--config", str(tiny_config), "--output-dir", str(tmp_path), "--layer", "fc", "--quiet",
+              "--mixed-precision", "fp16"])
+
+
+def test_checkpoints_hold_the_step_as_json(trained):
+    ckpt = trained / "checkpoints" / "cinn_logits" / "step_2"
+    assert json.loads((ckpt / "train_state.json").read_text()) == {"step": 2}
+    assert not list(ckpt.glob("custom_checkpoint_*"))  # nothing that loading would unpickle
+
+
+def test_cards_record_the_saved_config_where_the_yaml_uses_defaults(trained, tiny_config, tmp_path):
+    """A cINN section without n_flows / hidden / depth: the card shows the model's defaults, read from config.json."""
+    import shutil
+
+    import yaml
+
+    for d in ("backbone", "autoencoder"):
+        shutil.copytree(trained / d, tmp_path / d)
+    cfg = yaml.safe_load(tiny_config.read_text())
+    cfg["cinn"]["model"] = {"embed_dim": 8, "embedder_depth": 2, "embedder_width": 4}
+    path = tmp_path / "defaults.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    main(["cinn", "--config", str(path), "--output-dir", str(tmp_path), "--layer", "logits", "--quiet", "--steps", "1"])
+    saved = json.loads((tmp_path / "cinn" / "logits" / "config.json").read_text())
+    card = (tmp_path / "cinn" / "logits" / "README.md").read_text()
+    assert "None" not in card
+    for key, row in (("n_flows", "flows"), ("hidden", "subnet width"), ("depth", "subnet depth")):
+        assert f"| {row} | {saved[key]} |" in card
+
+
+def test_every_default_comes_from_the_config_module(tiny_config):
+    from invint_hub.train import config, parse_args
+
+    cfg = config.load_config(tiny_config)
+    args = parse_args(["cinn", "--config", str(tiny_config)])
+    assert args.seed == config.SEED and args.save_dtype == config.SAVE_DTYPE
+    t = config.train_settings({"data": cfg["data"]}, "cinn", args)
+    assert t == config.TRAIN
+    assert config.autoencoder_loss({"data": cfg["data"]}) == config.AUTOENCODER_LOSS
+    c = config.concept_settings({"data": cfg["data"]})
+    assert c["pairs"] == "labels" and c["factors"] == config.LABEL_FACTORS and c["model"] == config.CONCEPT_MODEL
+    assert {k: c[k] for k in config.CONCEPTS} == config.CONCEPTS
+    assert config.cinn_model_settings(cfg, "conv1") == cfg["cinn"]["model"]
+    with pytest.raises(ValueError, match="split_key"):
+        config.split_name(cfg, "val_split")
+
+
+def test_resume_from_a_checkpoint_without_its_step_is_a_clear_error(trained, tiny_config, tmp_path):
+    import shutil
+
+    for d in ("backbone", "autoencoder"):
+        shutil.copytree(trained / d, tmp_path / d)
+    old = tmp_path / "checkpoints" / "cinn_conv1" / "step_1"
+    old.mkdir(parents=True)
+    (old / "custom_checkpoint_0.pkl").write_bytes(b"")  # the layout of checkpoints before train_state.json
+    with pytest.raises(ValueError, match="has no train_state.json"):
+        main(["cinn", "--config", str(tiny_config), "--output-dir", str(tmp_path), "--layer", "conv1", "--quiet", "--resume"])

@@ -1,0 +1,119 @@
+"""Stage 2: the autoencoder (E, D) whose latent z_bar the cINNs translate (L1 + perceptual + KL, optional GAN)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..autoencoder import Autoencoder, FeaturePerceptualLoss, PatchDiscriminator, adaptive_weight, hinge_d_loss, lpips_loss, psnr
+from ..backbones import Backbone
+from ..hub import write_model_card
+from .common import (command_history, eval_loop, frozen, get_batch, make_dataset, make_optimizer, run_training,
+                     save_component, update_pipeline_json)
+from .config import LATENT_VAR_IMAGES, autoencoder_loss, data_settings, model_settings, train_settings
+
+
+def train_autoencoder(acc, cfg: dict, args, out: Path):
+    lcfg = autoencoder_loss(cfg)
+    t = train_settings(cfg, "autoencoder", args)
+    data = data_settings(cfg)
+    train_ds = make_dataset(cfg, "train_split", args, args.limit_train)
+    test_ds = make_dataset(cfg, "test_split", args, args.limit_test)
+    kwargs = dict(image_size=data["image_size"], channels=data["channels"])
+    kwargs.update(model_settings(cfg, "autoencoder"))
+    torch.manual_seed(args.seed)
+    model = Autoencoder(**kwargs)
+
+    perceptual, perceptual_desc = None, "none"
+    if lcfg["perceptual"] == "lpips":
+        perceptual = lpips_loss(lcfg["lpips_weights"]).to(acc.device)
+        perceptual_desc = f"LPIPS (alex, local weights {lcfg['lpips_weights']})"
+    elif lcfg["perceptual"] == "backbone":
+        backbone = frozen(Backbone.from_pretrained(out / "backbone")).to(acc.device)
+        layers = lcfg["perceptual_layers"] or [l for l in backbone.layers if len(backbone.feature_shapes[l]) == 3][:3]
+        perceptual = FeaturePerceptualLoss(lambda x: list(backbone.forward_layers(x, layers).values()))
+        perceptual_desc = f"normalised feature distance at {', '.join(layers)} of the pipeline's own classifier ({backbone.arch}); LPIPS backbone weights were not available"
+    elif lcfg["perceptual"] not in (None, "none"):
+        raise ValueError(f"autoencoder.loss.perceptual must be lpips, backbone or none, got {lcfg['perceptual']!r}")
+
+    opt = make_optimizer(model.parameters(), t)
+    optimizers = [opt]
+    disc = None
+    if lcfg["disc_weight"] > 0:
+        disc = PatchDiscriminator(data["channels"])
+        dt = dict(t, lr=t["lr"] * lcfg["disc_lr_factor"])
+        opt_d = make_optimizer(disc.parameters(), dt)
+        disc, opt_d = acc.prepare(disc, opt_d)
+        optimizers.append(opt_d)
+    model, opt = acc.prepare(model, opt)
+    optimizers[0] = opt
+    last_layer = acc.unwrap_model(model).decoder[-2].weight
+
+    def rec_loss(x, xr):
+        l1 = (x - xr).abs().flatten(1).mean(1)
+        p = perceptual(x, xr) if perceptual is not None else torch.zeros_like(l1)
+        return l1, p
+
+    def step_fn(x, y, step):
+        model.train()
+        with acc.autocast():
+            xr, post = model(x)
+            l1, p = rec_loss(x, xr)
+            rec = (l1 + lcfg["perceptual_weight"] * p).mean()
+            kl = post.kl().mean()
+            loss = rec + lcfg["kl_weight"] * kl
+            logs = {"loss": loss.detach(), "l1": l1.mean().detach(), "perceptual": p.mean().detach(), "kl": kl.detach()}
+            use_gan = disc is not None and step >= lcfg["disc_start"]
+            if use_gan:
+                g_loss = -disc(xr).mean()
+                w = adaptive_weight(rec, g_loss, last_layer) * lcfg["disc_weight"]
+                loss = loss + w * g_loss
+                logs["g_loss"] = g_loss.detach()
+        acc.backward(loss)
+        if t["clip_grad"]:
+            acc.clip_grad_norm_(model.parameters(), t["clip_grad"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if use_gan:
+            with acc.autocast():
+                d_loss = hinge_d_loss(disc(x), disc(xr.detach()))
+            acc.backward(d_loss)
+            optimizers[1].step()
+            optimizers[1].zero_grad(set_to_none=True)
+            logs["d_loss"] = d_loss.detach()
+        return logs
+
+    def eval_fn():
+        model.eval()
+
+        def fn(x, y):
+            xr = model(x, sample=False)[0]
+            return {"l1": (x - xr).abs().flatten(1).mean(1), "psnr": psnr(x, xr)}
+
+        return eval_loop(acc, test_ds, t["eval_samples"], fn)
+
+    ev = run_training(acc, "autoencoder", optimizers, step_fn, eval_fn, train_ds, t, args, out)
+    if ev is None:
+        return None
+    # record the data variance of z_bar (posterior samples, as the cINN sees them)
+    m = acc.unwrap_model(model).eval()
+    with torch.no_grad():
+        n = min(len(train_ds), LATENT_VAR_IMAGES)
+        x, _ = get_batch(train_ds, torch.arange(n))
+        zs = torch.cat([m.encode(x[i : i + 500].to(acc.device)).sample() for i in range(0, n, 500)])
+        m.latent_var.fill_(zs.float().var(0).sum().item())
+    ev["latent_var"] = float(m.latent_var)
+    save_component(acc, model, out / "autoencoder", args)
+    if acc.is_main_process:
+        update_pipeline_json(out, cfg)
+        write_model_card(
+            out / "autoencoder", f"Autoencoder (latent {m.latent_dim}) on {data['name']}",
+            "The autoencoder (E, D) whose latent z_bar the cINNs translate into invariances v.",
+            {"image": f"{m.channels}x{m.image_size}px in [-1, 1]", "latent": m.latent_dim,
+             "parameters": sum(p.numel() for p in m.parameters()), "loss": f"L1 + {lcfg['perceptual_weight']} x perceptual + {lcfg['kl_weight']} x KL"
+             + (f" + {lcfg['disc_weight']} x adaptive hinge GAN (from step {lcfg['disc_start']})" if disc is not None else ""),
+             "perceptual term": perceptual_desc, "steps": t["steps"], "batch size": t["batch_size"]},
+            metrics={"test L1 (posterior mean)": ev["l1"], "test PSNR dB": ev["psnr"], "latent variance (sum over dims)": ev["latent_var"]},
+            command=command_history(out, "autoencoder", args), datasets=[data["name"]],
+        )
+    return ev

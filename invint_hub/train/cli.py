@@ -1,0 +1,111 @@
+"""The command line: ``main(argv)`` parses the flags, makes the Accelerator and runs one stage."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+from ..backbones import Backbone
+from .autoencoder import train_autoencoder
+from .cinn import train_cinn
+from .classifier import train_classifier
+from .common import push, write_pipeline_card
+from .concepts import train_concepts
+from .config import OUTPUT_ROOT, SAVE_DTYPE, SEED, autoencoder_loss, cinn_layers, load_config
+
+STAGES = ("classifier", "autoencoder", "cinn", "concepts")
+
+
+def parse_args(argv=None):
+    doc = sys.modules[__package__].__doc__  # the package docstring: the usage examples
+    p = argparse.ArgumentParser(prog="python -m invint_hub.train", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("stage", choices=STAGES)
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("--output-dir", default=None, help=f"pipeline folder (default {OUTPUT_ROOT}/<config name>)")
+    p.add_argument("--layer", default=None, help="cinn stage: one layer, a comma list, or 'all' (default: the config's layers)")
+    p.add_argument("--data-dir", default=None, help="folder with <name>/<split>-*.parquet (default $INVINT_DATA_DIR or ../shared/data)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
+    p.add_argument("--push-to-hub", default=None, metavar="ORG/NAME", help="upload the pipeline folder to this Hub repo")
+    p.add_argument("--steps", type=int, default=None, help="override train.steps")
+    p.add_argument("--batch-size", type=int, default=None, help="override train.batch_size (global)")
+    p.add_argument("--limit-train", type=int, default=None, help="use only N training images")
+    p.add_argument("--limit-test", type=int, default=None, help="use only N test images")
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default=None)
+    p.add_argument("--cpu", action="store_true", help="force the CPU")
+    p.add_argument("--save-dtype", choices=["fp32", "fp16", "bf16"], default=SAVE_DTYPE, help="dtype of saved weights")
+    p.add_argument("--log-with", default=None, help="also log to an Accelerate tracker, e.g. tensorboard")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    return args
+
+
+def make_accelerator(args, out: Path):
+    """A new Accelerator for this run.
+
+    accelerate keeps one process-wide state (device, mixed precision) that its public API cannot reset, so
+    ``main()`` can run again in one process (tests, notebooks) only with the same ``--mixed-precision`` and
+    ``--cpu``; a different setting is refused with a clear error (run that stage in a new process).
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, is_initialized
+    from accelerate.utils import ProjectConfiguration
+
+    if is_initialized():
+        state = AcceleratorState()
+        if args.mixed_precision is not None and args.mixed_precision != state.mixed_precision:
+            raise ValueError(f"--mixed-precision {args.mixed_precision}: this process already trained with mixed precision "
+                             f"{state.mixed_precision!r} (accelerate keeps one setting per process); run this stage in a new process")
+        if args.cpu and state.device.type != "cpu":
+            raise ValueError(f"--cpu: this process already trained on {state.device} (accelerate keeps one device per "
+                             "process); run this stage in a new process")
+    return Accelerator(
+        cpu=args.cpu, mixed_precision=args.mixed_precision,
+        log_with=args.log_with, project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+    )
+
+
+def main(argv=None):
+    from accelerate.utils import set_seed
+
+    args = parse_args(argv)
+    cfg = load_config(args.config)
+    out = Path(args.output_dir or Path(OUTPUT_ROOT) / Path(args.config).stem)
+    acc = make_accelerator(args, out)
+    set_seed(args.seed)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    if args.log_with:
+        acc.init_trackers(f"{args.stage}", config={"stage": args.stage, "config": args.config})
+    results = {}
+    if args.stage == "classifier":
+        results["classifier"] = train_classifier(acc, cfg, args, out)
+    elif args.stage == "autoencoder":
+        if not (out / "backbone").is_dir() and autoencoder_loss(cfg)["perceptual"] == "backbone":
+            raise SystemExit(f"{out}/backbone not found: train the classifier stage first (its features give the perceptual loss)")
+        results["autoencoder"] = train_autoencoder(acc, cfg, args, out)
+    elif args.stage == "concepts":
+        if not (out / "autoencoder").is_dir():
+            raise SystemExit(f"{out}/autoencoder not found: train the autoencoder stage first")
+        results["concepts"] = train_concepts(acc, cfg, args, out)
+    else:
+        for needed in ("backbone", "autoencoder"):
+            if not (out / needed).is_dir():
+                raise SystemExit(f"{out}/{needed} not found: train the classifier and autoencoder stages first")
+        layers = args.layer or ",".join(cinn_layers(cfg))
+        if layers == "all":
+            layers = ",".join(Backbone.from_pretrained(out / "backbone").layers)
+        if not layers:
+            raise SystemExit("no layers: pass --layer or list cinn.layers in the config")
+        for layer in layers.split(","):
+            results[layer] = train_cinn(acc, cfg, args, out, layer.strip())
+        if acc.is_main_process and all(r is not None for r in results.values()):
+            write_pipeline_card(out, cfg)
+    acc.wait_for_everyone()
+    if args.push_to_hub and all(r is not None for r in results.values()):
+        push(out, args.push_to_hub, acc)
+    acc.end_training()
+    return results

@@ -1,0 +1,288 @@
+"""What every stage shares: data batches, the step loop with checkpoints and exact resume, logs, the
+command history, saving, the pipeline folder's ``pipeline.json`` and model cards, and the Hub upload."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..data import SyntheticDataset, build_dataset
+from ..hub import write_model_card
+from ..pipeline import PIPELINE_FILE
+from .config import EVAL_BATCH, data_settings
+
+STATE_FILE = "train_state.json"  # the step counter of a checkpoint, next to accelerate's files
+
+
+# ---------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------
+def make_dataset(cfg: dict, split_key: str, args, limit: int | None):
+    """The ``data`` section's train or test split (``name: synthetic`` for tests and dry runs)."""
+    data = data_settings(cfg)
+    if data["name"] == "synthetic":
+        n = limit or (512 if split_key == "train_split" else 128)
+        return SyntheticDataset(n, data["image_size"], data["channels"], data["num_classes"],
+                                seed=0 if split_key == "train_split" else 1)
+    return build_dataset(data, split_key, args.data_dir, limit)
+
+
+def get_batch(ds, idx: torch.Tensor):
+    if hasattr(ds, "get_batch"):
+        return ds.get_batch(idx)
+    items = [ds[int(i)] for i in idx]
+    return torch.stack([it[0] for it in items]), torch.stack([torch.as_tensor(it[1]) for it in items])
+
+
+def batch_indices(n: int, step: int, batch_size: int, seed: int, rank: int, world: int) -> torch.Tensor:
+    """Indices of this rank's share of global batch ``step``; a pure function of the step, so resuming is exact."""
+    per_epoch = max(n // batch_size, 1)
+    epoch, pos = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    idx = perm[pos * batch_size : (pos + 1) * batch_size]
+    if len(idx) < batch_size:  # dataset smaller than a batch
+        idx = perm[torch.arange(batch_size) % n]
+    return idx[rank::world]
+
+
+# ---------------------------------------------------------------------------------------
+# checkpoints, logs, command history
+# ---------------------------------------------------------------------------------------
+def latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    steps = sorted(ckpt_dir.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
+    return steps[-1] if steps else None
+
+
+def save_checkpoint(acc, directory: Path, step: int) -> None:
+    """accelerate's state (model, optimizer, RNG) plus the step counter as JSON."""
+    acc.save_state(str(directory))
+    if acc.is_main_process:
+        (directory / STATE_FILE).write_text(json.dumps({"step": step}))
+
+
+def load_checkpoint(acc, directory: Path) -> int:
+    """Load a checkpoint written by ``save_checkpoint``; returns its step."""
+    state = directory / STATE_FILE
+    if not state.is_file():
+        raise ValueError(f"{directory} has no {STATE_FILE}: it was not written by this version of invint_hub.train; "
+                         "delete it (or its checkpoints folder) to start the stage from scratch")
+    acc.load_state(str(directory))
+    return int(json.loads(state.read_text())["step"])
+
+
+class JsonlLogger:
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def command_line(stage: str, args) -> str:
+    """The command as it was run (``accelerate launch`` sets ACCELERATE_* variables in its processes)."""
+    launcher = "accelerate launch -m" if any(k.startswith("ACCELERATE_") for k in os.environ) else "python -m"
+    return f"{launcher} invint_hub.train " + " ".join(shlex.quote(a) for a in args.argv)
+
+
+def record_command(out: Path, name: str, args, from_step: int, steps: int, main_process: bool) -> None:
+    """Keep the commands that produced a model (a resumed run has several) for its model card."""
+    if not main_process:
+        return
+    path = out / "logs" / f"{name}.commands.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = "a" if from_step > 0 else "w"
+    with path.open(mode) as f:
+        f.write(json.dumps({"command": command_line(name, args), "from_step": from_step, "steps": steps}) + "\n")
+
+
+def command_history(out: Path, name: str, args) -> str:
+    """The command(s) that trained ``name``, for the model card."""
+    path = out / "logs" / f"{name}.commands.jsonl"
+    if not path.exists():
+        return command_line(name, args)
+    runs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if len(runs) == 1:
+        return runs[0]["command"]
+    lines = []
+    for r in runs:
+        lines.append(f"# from step {r['from_step']} (train.steps = {r['steps']})")
+        lines.append(r["command"])
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# the generic loop
+# ---------------------------------------------------------------------------------------
+def lr_factor(step: int, t: dict) -> float:
+    if t["warmup"] and step < t["warmup"]:
+        return (step + 1) / t["warmup"]
+    if t["schedule"] == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(step / max(t["steps"], 1), 1.0)))
+    return 1.0
+
+
+def make_optimizer(params, t: dict):
+    return torch.optim.AdamW(params, lr=t["lr"], betas=tuple(t["betas"]), weight_decay=t["weight_decay"])
+
+
+def run_training(acc, name: str, optimizers, step_fn, eval_fn, train_ds, t: dict, args, out: Path):
+    """Step-indexed training with checkpoints every ``checkpoint_every`` steps and exact resume.
+
+    ``step_fn(x, y, step) -> dict of scalars`` does one optimisation step; ``eval_fn() -> dict of floats``
+    evaluates on the test split. Returns the final evaluation, or None when ``--stop-after`` stopped early.
+    """
+    from tqdm.auto import tqdm
+
+    step = 0
+    ckpt_dir = out / "checkpoints" / name
+    # the schedule's base learning rates come from the config, before a resume loads the optimizer's last lr
+    base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
+    if args.resume:
+        last = latest_checkpoint(ckpt_dir)
+        if last is not None:
+            step = load_checkpoint(acc, last)
+            acc.print(f"resumed {name} from {last} (step {step})")
+        else:
+            acc.print(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
+    logger = JsonlLogger(out / "logs" / f"{name}.jsonl", acc.is_main_process)
+    record_command(out, name, args, step, t["steps"], acc.is_main_process)
+    bar = tqdm(total=t["steps"], initial=step, desc=name, disable=not acc.is_main_process or args.quiet, dynamic_ncols=True)
+    t0, running = time.time(), {}
+    while step < t["steps"]:
+        for opt, lrs in zip(optimizers, base_lrs):
+            for g, lr in zip(opt.param_groups, lrs):
+                g["lr"] = lr * lr_factor(step, t)
+        idx = batch_indices(len(train_ds), step, t["batch_size"], args.seed, acc.process_index, acc.num_processes)
+        x, y = get_batch(train_ds, idx)
+        metrics = step_fn(x.to(acc.device), y.to(acc.device), step)
+        for k, v in metrics.items():
+            running.setdefault(k, []).append(float(v))
+        step += 1
+        bar.update(1)
+        if step % t["log_every"] == 0 or step == t["steps"]:
+            rec = {k: sum(v) / len(v) for k, v in running.items()}
+            rec = {k: acc.reduce(torch.tensor(v, device=acc.device), "mean").item() for k, v in rec.items()}
+            rec.update(step=step, lr=optimizers[0].param_groups[0]["lr"], time=round(time.time() - t0, 2))
+            logger.log({"split": "train", **rec})
+            if args.log_with:
+                acc.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step=step)
+            bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items() if k not in ("step", "time", "lr")})
+            running = {}
+        if t["eval_every"] and step % t["eval_every"] == 0 and step < t["steps"]:
+            ev = eval_fn()
+            logger.log({"split": "test", "step": step, **ev})
+            acc.print(f"[{name}] step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in ev.items()))
+        if t["checkpoint_every"] and (step % t["checkpoint_every"] == 0 or step == t["steps"]):
+            acc.wait_for_everyone()
+            save_checkpoint(acc, ckpt_dir / f"step_{step}", step)
+            if acc.is_main_process:
+                for old in sorted(ckpt_dir.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[: -t["keep_checkpoints"]]:
+                    shutil.rmtree(old, ignore_errors=True)
+        if args.stop_after is not None and step >= args.stop_after:  # simulate a kill (tests)
+            acc.wait_for_everyone()
+            acc.print(f"stopping after step {step} (--stop-after)")
+            return None
+    bar.close()
+    ev = eval_fn()
+    logger.log({"split": "test", "step": step, **ev})
+    acc.print(f"[{name}] final: " + ", ".join(f"{k}={v:.4g}" for k, v in ev.items()))
+    return ev
+
+
+def eval_loop(acc, test_ds, limit: int, fn, batch_size: int = EVAL_BATCH) -> dict:
+    """Run ``fn(x, y) -> dict of per-sample-summed tensors`` over this rank's share; reduce; average."""
+    n = min(limit, len(test_ds))
+    idx = torch.arange(n)[acc.process_index :: acc.num_processes]
+    sums: dict[str, torch.Tensor] = {}
+    count = torch.tensor(0.0, device=acc.device)
+    with torch.no_grad():
+        for i in range(0, len(idx), batch_size):
+            x, y = get_batch(test_ds, idx[i : i + batch_size])
+            x, y = x.to(acc.device), y.to(acc.device)
+            with acc.autocast():
+                res = fn(x, y)
+            for k, v in res.items():
+                sums[k] = sums.get(k, torch.tensor(0.0, device=acc.device)) + v.float().sum()
+            count += x.shape[0]
+    count = acc.reduce(count, "sum")
+    return {k: (acc.reduce(v, "sum") / count).item() for k, v in sums.items()}
+
+
+def frozen(model):
+    return model.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------
+# the pipeline folder: saved models, pipeline.json, model cards, Hub upload
+# ---------------------------------------------------------------------------------------
+def save_component(acc, model, directory: Path, args) -> None:
+    if acc.is_main_process:
+        dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.save_dtype]
+        acc.unwrap_model(model).save_pretrained(directory, dtype=dtype)
+
+
+def saved_config(directory: Path) -> dict:
+    """The constructor arguments a saved model was written with (its ``config.json``), defaults included."""
+    return json.loads((Path(directory) / "config.json").read_text())
+
+
+def update_pipeline_json(out: Path, cfg: dict, **changes) -> None:
+    path = out / PIPELINE_FILE
+    info = json.loads(path.read_text()) if path.exists() else {}
+    info.setdefault("format", "invint_hub.pipeline/1")
+    info.update(dataset=cfg["data"]["name"], image_size=cfg["data"]["image_size"], channels=cfg["data"]["channels"])
+    info.setdefault("backbone", "backbone")
+    info.setdefault("autoencoder", "autoencoder")
+    info.setdefault("cinn", {})
+    for k, v in changes.items():
+        if k == "cinn_layer":
+            info["cinn"][v] = f"cinn/{v}"
+        else:
+            info[k] = v
+    path.write_text(json.dumps(info, indent=2, sort_keys=True))
+
+
+def write_pipeline_card(out: Path, cfg: dict) -> None:
+    """Pipeline README from the component cards' metrics (metrics.json per cINN)."""
+    info = json.loads((out / PIPELINE_FILE).read_text())
+    rows = []
+    for layer, sub in info.get("cinn", {}).items():
+        mpath = out / sub / "metrics.json"
+        if mpath.exists():
+            m = json.loads(mpath.read_text())
+            rows.append(f"| {layer} | {m['bpd']:.3f} | {m['class_agreement']:.4f} | {m['variance_explained']:.4f} |")
+    lines = [
+        f"Interpretation pipeline for `{info.get('dataset')}`: classifier, autoencoder and one cINN per layer.",
+        "",
+        "Layer metrics on the test split (written by the cINN stage of `invint_hub.train`):",
+        "",
+        "| layer | test NLL (bits/dim) | class agreement of samples | variance of z_bar explained by v |",
+        "|---|---|---|---|",
+        *rows,
+    ]
+    cfg_text = yaml.safe_dump(cfg, sort_keys=False)
+    write_model_card(out, f"invint_hub pipeline: {info.get('dataset')}", "\n".join(lines),
+                     {"layers": list(info.get("cinn", {})), "image": f"{info['channels']}x{info['image_size']}px"},
+                     notes="Training config:\n\n```yaml\n" + cfg_text + "```", datasets=[cfg["data"]["name"]])
+
+
+def push(out: Path, repo_id: str, acc) -> None:
+    if not acc.is_main_process:
+        return
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=str(out), ignore_patterns=["checkpoints/*", "logs/*"])
+    acc.print(f"pushed {out} to https://huggingface.co/{repo_id}")

@@ -1,0 +1,164 @@
+"""Every training default, and the functions that fill a YAML config in with them.
+
+A config (``configs/*.yaml``) has a ``data`` section and one section per stage (``classifier``,
+``autoencoder``, ``cinn``, ``concepts``). Anything a section leaves out takes the value below; the
+stages read settings only through the functions of this module, so this file is the one place to
+look up (or change) a default.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from ..concepts import DEFAULT_RHO, RESIDUAL
+
+# ``<stage>.train``: the optimisation of every stage (for a cINN, ``cinn.train_overrides.<layer>`` on top)
+TRAIN = dict(
+    steps=1000, batch_size=64, lr=1e-3, betas=[0.9, 0.999], weight_decay=0.0, schedule="constant", warmup=0,
+    clip_grad=0.0, log_every=50, eval_every=0, checkpoint_every=500, keep_checkpoints=2, eval_samples=2000,
+)
+# ``data``: the keys the training code reads besides name, image_size and channels (all required);
+# the same defaults as ``invint_hub.data.build_dataset``
+DATA = dict(train_split="train", test_split="test", seed=0, num_classes=10)
+# ``classifier.pretrained``: a torchvision classifier (arch required)
+PRETRAINED = dict(weights="DEFAULT", weights_path=None)
+# ``autoencoder.loss``
+AUTOENCODER_LOSS = dict(
+    perceptual="backbone", perceptual_weight=1.0, perceptual_layers=None, lpips_weights=None,
+    kl_weight=1e-5, disc_weight=0.0, disc_start=0, disc_lr_factor=1.0,
+)
+# ``concepts.model``: the concept INN e (the paper's 12 blocks of width 512, depth 2)
+CONCEPT_MODEL = dict(n_flows=12, hidden=512, depth=2)
+# ``concepts``: how pairs are made and how the factors are sized (``pairs`` and ``factors`` depend on the data,
+# see ``concept_settings``)
+CONCEPTS = dict(factor_sizes="estimate", rho=DEFAULT_RHO, estimate_pairs=5000)
+COLORMNIST_FACTORS = ["digit", "fg", "bg"]
+LABEL_FACTORS = ["class"]
+# command-line flags (``python -m invint_hub.train --help``)
+SEED = 0
+SAVE_DTYPE = "fp32"
+OUTPUT_ROOT = "runs"  # --output-dir defaults to runs/<config file name without .yaml>
+# fixed evaluation settings (not configurable)
+EVAL_BATCH = 256  # images per batch of a stage's test-split evaluation
+EVAL_SEED = 12345  # posterior noise of the cINN / concept evaluations
+LATENT_VAR_IMAGES = 5000  # training images whose z_bar variance the autoencoder records
+CARD_SAMPLES = 16  # samples per image of the variance-explained measures in the cards
+CONCEPT_VARIANCE_IMAGES = 512  # test images of the concept stage's per-layer variance measure
+
+
+def load_config(path: str | Path) -> dict:
+    """Read a YAML config; a ``data`` section with name, image_size and channels is required."""
+    cfg = yaml.safe_load(Path(path).read_text())
+    if not isinstance(cfg, dict) or "data" not in cfg:
+        raise ValueError(f"{path}: a config needs a 'data' section")
+    for key in ("name", "image_size", "channels"):
+        if key not in cfg["data"]:
+            raise ValueError(f"{path}: data.{key} is missing")
+    return cfg
+
+
+def section(cfg: dict, name: str) -> dict:
+    """A stage's section (``{}`` when absent or empty)."""
+    return dict(cfg.get(name) or {})
+
+
+def data_settings(cfg: dict) -> dict:
+    """The ``data`` section over ``DATA``."""
+    return {**DATA, **cfg["data"]}
+
+
+def split_name(cfg: dict, split_key: str) -> str:
+    """``data.train_split`` / ``data.test_split``."""
+    if split_key not in ("train_split", "test_split"):
+        raise ValueError(f"split_key must be train_split or test_split, got {split_key!r}")
+    return data_settings(cfg)[split_key]
+
+
+def train_settings(cfg: dict, stage: str, args, layer: str | None = None) -> dict:
+    """The stage's ``train`` section over ``TRAIN``; for a cINN, ``train_overrides.<layer>`` on top; CLI flags last."""
+    s = section(cfg, stage)
+    t = dict(TRAIN)
+    t.update(s.get("train") or {})
+    if layer is not None:
+        t.update((s.get("train_overrides") or {}).get(layer) or {})
+    if args.steps is not None:
+        t["steps"] = args.steps
+    if args.batch_size is not None:
+        t["batch_size"] = args.batch_size
+    for k in ("lr", "weight_decay", "clip_grad"):
+        t[k] = float(t[k])
+    return t
+
+
+def pretrained_settings(cfg: dict) -> dict | None:
+    """``classifier.pretrained`` over ``PRETRAINED``, or None for a classifier trained from scratch."""
+    pre = section(cfg, "classifier").get("pretrained")
+    if not pre:
+        return None
+    if "arch" not in pre:
+        raise ValueError("classifier.pretrained needs an arch (a torchvision model name)")
+    return {**PRETRAINED, **pre}
+
+
+def model_settings(cfg: dict, stage: str) -> dict:
+    """``<stage>.model``: constructor arguments of the stage's model (its own defaults fill the rest)."""
+    model = section(cfg, stage).get("model") or {}
+    return {**CONCEPT_MODEL, **model} if stage == "concepts" else dict(model)
+
+
+def cinn_model_settings(cfg: dict, layer: str) -> dict:
+    """``cinn.model`` with ``cinn.layer_overrides.<layer>`` on top."""
+    kwargs = model_settings(cfg, "cinn")
+    kwargs.update((section(cfg, "cinn").get("layer_overrides") or {}).get(layer) or {})
+    return kwargs
+
+
+def cinn_layers(cfg: dict) -> list[str]:
+    """``cinn.layers`` (default: none; then ``--layer`` is needed)."""
+    return list(section(cfg, "cinn").get("layers") or [])
+
+
+def autoencoder_loss(cfg: dict) -> dict:
+    """``autoencoder.loss`` over ``AUTOENCODER_LOSS``."""
+    return {**AUTOENCODER_LOSS, **(section(cfg, "autoencoder").get("loss") or {})}
+
+
+def concept_settings(cfg: dict) -> dict:
+    """The ``concepts`` section with every default filled in: pairs, factors, factor_sizes, rho, estimate_pairs.
+
+    ``pairs`` defaults to ``colormnist`` on ColorMNIST and to ``labels`` (one concept ``class``) elsewhere;
+    ``attributes`` pairs need ``attributes: {concept name: attribute column}`` and default to all of them.
+    """
+    c = section(cfg, "concepts")
+    data_name = cfg["data"]["name"]
+    c.setdefault("pairs", "colormnist" if data_name == "colormnist" else "labels")
+    if c["pairs"] == "colormnist":
+        c.setdefault("factors", list(COLORMNIST_FACTORS))
+    elif c["pairs"] == "labels":
+        c.setdefault("factors", list(LABEL_FACTORS))
+    elif c["pairs"] == "attributes":
+        attrs = c.get("attributes")
+        if not isinstance(attrs, dict) or not attrs:
+            raise ValueError("concepts.pairs: attributes needs concepts.attributes: {concept name: attribute column}")
+        c.setdefault("factors", list(attrs))
+        unknown = [f for f in c["factors"] if f not in attrs]
+        if unknown:
+            raise ValueError(f"concepts.factors {unknown} have no column in concepts.attributes")
+    else:
+        raise ValueError(f"concepts.pairs must be colormnist, labels or attributes, got {c['pairs']!r}")
+    if c["pairs"] == "labels" and len(c["factors"]) != 1:
+        raise ValueError(f"label pairs have one concept, got factors {c['factors']}")
+    if RESIDUAL in c["factors"]:
+        raise ValueError(f"{RESIDUAL!r} is added automatically as the last factor; do not list it in concepts.factors")
+    for k, v in CONCEPTS.items():
+        c.setdefault(k, v)
+    c["model"] = model_settings(cfg, "concepts")
+    return c
+
+
+__all__ = [
+    "SEED", "SAVE_DTYPE", "OUTPUT_ROOT", "TRAIN", "DATA", "PRETRAINED", "AUTOENCODER_LOSS", "CONCEPT_MODEL", "CONCEPTS", "load_config", "data_settings",
+    "split_name", "train_settings", "pretrained_settings", "model_settings", "cinn_model_settings", "cinn_layers",
+    "autoencoder_loss", "concept_settings",
+]
