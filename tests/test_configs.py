@@ -38,3 +38,45 @@ def test_mnist_config_is_the_embedded_one():
     cfg = load_config(Path(__file__).parent.parent / "configs" / "mnist.yaml")
     info = json.loads((PRETRAINED_DIR / "mnist" / "pipeline.json").read_text())
     assert list(info["cinn"]) == cfg["cinn"]["layers"]
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c.update(trian=c.pop("cinn")), r"unknown section 'trian'"),
+    (lambda c: c["cinn"]["train"].update(schedule="cosinee"), r"cinn\.train\.schedule = 'cosinee'; allowed values: 'constant', 'cosine'"),
+    (lambda c: c["cinn"]["train"].update(lr="fast"), r"cinn\.train\.lr = 'fast' is not a number"),
+    (lambda c: c["data"].update(image_size="32"), r"data\.image_size = '32' \(str\); expected int \(write 32 without quotes\)"),
+    (lambda c: c["cinn"]["train"].update(batch_size=0), r"cinn\.train\.batch_size = 0 is out of range"),
+    (lambda c: c["cinn"]["model"].update(hiden=16), r"cinn\.model: unknown key\(s\) \['hiden'\] for ConditionalINN"),
+    (lambda c: c["cinn"]["train"].update(stpes=3), r"unknown key cinn\.train\.stpes"),
+    (lambda c: c["data"].update(channels=2), r"data\.channels = 2; allowed values: 1, 3"),
+    (lambda c: c["classifier"].update(pretrained={"source": "keras", "name": "x"}), r"classifier\.pretrained\.source = 'keras'"),
+])
+def test_config_mistakes_are_one_line_errors_naming_file_and_key(change, message, tmp_path):
+    """Every mistake is caught when the config is read, before any training starts."""
+    import copy
+
+    import yaml
+
+    from conftest import TINY
+    from invint_hub.train import main
+
+    cfg = copy.deepcopy(TINY)
+    change(cfg)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match=f"^{path}: " + message):
+        main(["cinn", "--config", str(path), "--output-dir", str(tmp_path / "out"), "--quiet"])
+    assert not (tmp_path / "out").exists()  # nothing started
+
+
+def test_yaml_exponents_without_a_dot_are_numbers(tmp_path):
+    import copy
+
+    import yaml
+
+    from conftest import TINY
+
+    cfg = copy.deepcopy(TINY)
+    path = tmp_path / "ok.yaml"
+    path.write_text(yaml.safe_dump(cfg).replace("schedule: cosine", "schedule: cosine\n    lr: 1e-3"))
+    assert load_config(path)["cinn"]["train"]["lr"] == "1e-3"  # YAML 1.1 reads it as a string; training floats it

@@ -88,6 +88,8 @@ def test_two_processes_with_accelerate_launch(trained, tiny_config, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert (tmp_path / "cinn" / "logits" / "model.safetensors").is_file()
     assert (tmp_path / "checkpoints" / "cinn_logits" / "step_2").is_dir()
+    card = (tmp_path / "cinn" / "logits" / "README.md").read_text()  # the full launch command, launcher args included
+    assert "accelerate launch --cpu --num_processes 2 --num_machines 1" in card and "-m invint_hub.train cinn" in card
 
 
 def test_bf16_cinn_stage_keeps_fp32_weights_and_logdet(trained, tiny_config, tmp_path):
@@ -117,10 +119,15 @@ def test_another_mixed_precision_in_the_same_process_is_a_clear_error(trained, t
               "--mixed-precision", "fp16"])
 
 
-def test_checkpoints_hold_the_step_as_json(trained):
+def test_checkpoints_hold_the_step_and_their_files_hashes_as_json(trained):
+    from invint_hub.train.common import check_checkpoint
+
     ckpt = trained / "checkpoints" / "cinn_logits" / "step_2"
-    assert json.loads((ckpt / "train_state.json").read_text()) == {"step": 2}
+    marker = json.loads((ckpt / "train_state.json").read_text())
+    assert marker["step"] == 2 and "model.safetensors" in marker["files"] and len(marker["files"]["model.safetensors"]) == 64
+    assert check_checkpoint(ckpt) is None
     assert not list(ckpt.glob("custom_checkpoint_*"))  # nothing that loading would unpickle
+    assert not list(ckpt.parent.glob(".*.tmp"))  # no temporary folder left behind
 
 
 def test_cards_record_the_saved_config_where_the_yaml_uses_defaults(trained, tiny_config, tmp_path):
@@ -160,7 +167,7 @@ def test_every_default_comes_from_the_config_module(tiny_config):
         config.split_name(cfg, "val_split")
 
 
-def test_resume_from_a_checkpoint_without_its_step_is_a_clear_error(trained, tiny_config, tmp_path):
+def test_resume_skips_a_checkpoint_without_its_marker_and_says_why(trained, tiny_config, tmp_path, capsys):
     import shutil
 
     for d in ("backbone", "autoencoder"):
@@ -168,5 +175,7 @@ def test_resume_from_a_checkpoint_without_its_step_is_a_clear_error(trained, tin
     old = tmp_path / "checkpoints" / "cinn_conv1" / "step_1"
     old.mkdir(parents=True)
     (old / "custom_checkpoint_0.pkl").write_bytes(b"")  # the layout of checkpoints before train_state.json
-    with pytest.raises(ValueError, match="has no train_state.json"):
-        main(["cinn", "--config", str(tiny_config), "--output-dir", str(tmp_path), "--layer", "conv1", "--quiet", "--resume"])
+    main(["cinn", "--config", str(tiny_config), "--output-dir", str(tmp_path), "--layer", "conv1", "--quiet", "--resume"])
+    out = capsys.readouterr().out
+    assert f"skipping checkpoint {old}: no train_state.json" in out and "starting from scratch" in out
+    assert (tmp_path / "cinn" / "conv1" / "model.safetensors").is_file()

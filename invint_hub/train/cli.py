@@ -38,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--save-dtype", choices=["fp32", "fp16", "bf16"], default=SAVE_DTYPE, help="dtype of saved weights")
     p.add_argument("--log-with", default=None, help="also log to an Accelerate tracker, e.g. tensorboard")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N", help="override train.checkpoint_every")
+    p.add_argument("--keep-checkpoints", type=int, default=None, metavar="K", help="override train.keep_checkpoints")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
@@ -72,7 +74,7 @@ def make_accelerator(args, out: Path):
 def uses_published_classifier(cfg: dict, args) -> bool:
     """``classifier.pretrained`` with no classifier training (``classifier.train.steps: 0``)."""
     return pretrained_settings(cfg) is not None and train_settings(cfg, "classifier", argparse.Namespace(
-        steps=None, batch_size=None))["steps"] == 0
+        steps=None, batch_size=None, checkpoint_every=None, keep_checkpoints=None))["steps"] == 0
 
 
 def main(argv=None):

@@ -55,26 +55,102 @@ def batch_indices(n: int, step: int, batch_size: int, seed: int, rank: int, worl
 # ---------------------------------------------------------------------------------------
 # checkpoints, logs, command history
 # ---------------------------------------------------------------------------------------
-def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    steps = sorted(ckpt_dir.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))
-    return steps[-1] if steps else None
+# A checkpoint is written into a hidden temporary folder, its files' sha256 go into train_state.json (the
+# completeness marker, written last and fsynced), and only then is the folder renamed to step_N: a kill at any
+# moment leaves either the previous checkpoints untouched or a complete new one. --resume takes the newest
+# checkpoint whose marker and files check out, and names every one it skips and why.
+def checkpoints(ckpt_dir: Path) -> list[Path]:
+    """The ``step_N`` folders, oldest first (temporary folders excluded)."""
+    found = [p for p in ckpt_dir.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fault_point(phase: str, step: int) -> None:
+    """Tests only: ``INVINT_TEST_KILL=<phase>:<step>`` kills this process with SIGKILL here (tests/test_resume.py)."""
+    if os.environ.get("INVINT_TEST_KILL") == f"{phase}:{step}":
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def save_checkpoint(acc, directory: Path, step: int) -> None:
-    """accelerate's state (model, optimizer, RNG) plus the step counter as JSON."""
-    acc.save_state(str(directory))
+    """accelerate's state (model, optimizer, RNG) plus the marker, written atomically (see above)."""
+    tmp = directory.parent / f".{directory.name}.tmp"
+    if acc.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    acc.wait_for_everyone()
     if acc.is_main_process:
-        (directory / STATE_FILE).write_text(json.dumps({"step": step}))
+        _fault_point("state-written", step)
+        files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        _fault_point("hashed", step)
+        with (tmp / STATE_FILE).open("w") as f:
+            json.dump({"step": step, "files": files}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _fault_point("marked", step)
+        if directory.exists():  # the same step written again (a resumed run): replace it
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+        _fault_point("renamed", step)
+    acc.wait_for_everyone()
 
 
-def load_checkpoint(acc, directory: Path) -> int:
-    """Load a checkpoint written by ``save_checkpoint``; returns its step."""
-    state = directory / STATE_FILE
-    if not state.is_file():
-        raise ValueError(f"{directory} has no {STATE_FILE}: it was not written by this version of invint_hub.train; "
-                         "delete it (or its checkpoints folder) to start the stage from scratch")
-    acc.load_state(str(directory))
-    return int(json.loads(state.read_text())["step"])
+def check_checkpoint(directory: Path) -> str | None:
+    """Why ``directory`` is not a complete checkpoint (missing or damaged marker, a missing or changed file), or None."""
+    marker = directory / STATE_FILE
+    if not marker.is_file():
+        return f"no {STATE_FILE} (not written completely, or by an older invint_hub)"
+    try:
+        state = json.loads(marker.read_text())
+        step, files = int(state["step"]), dict(state["files"])
+    except (ValueError, KeyError, TypeError) as err:
+        return f"damaged {STATE_FILE} ({err})"
+    if step != int(directory.name[5:]):
+        return f"{STATE_FILE} says step {step}"
+    for name, digest in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _sha256(path) != digest:
+            return f"{name} is damaged (sha256 differs from the one recorded)"
+    return None
+
+
+def resume(acc, ckpt_dir: Path, name: str) -> int:
+    """Load the newest complete checkpoint (skipping, and reporting, damaged ones); its step, or 0."""
+    for directory in reversed(checkpoints(ckpt_dir)):
+        reason = check_checkpoint(directory)
+        if reason is not None:
+            acc.print(f"--resume: skipping checkpoint {directory}: {reason}")
+            continue
+        acc.load_state(str(directory))
+        step = int(json.loads((directory / STATE_FILE).read_text())["step"])
+        acc.print(f"resumed {name} from {directory} (step {step}, the newest complete checkpoint)")
+        return step
+    acc.print(f"--resume: no complete checkpoint in {ckpt_dir}, starting from scratch")
+    return 0
+
+
+def prune_checkpoints(ckpt_dir: Path, keep: int) -> None:
+    """Keep the newest ``keep`` complete checkpoints; remove older ones, damaged ones and leftover temporary folders."""
+    complete = [d for d in checkpoints(ckpt_dir) if check_checkpoint(d) is None]
+    for d in checkpoints(ckpt_dir) if complete else []:
+        if d not in complete[-keep:] and (d in complete or int(d.name[5:]) < int(complete[-1].name[5:])):
+            shutil.rmtree(d, ignore_errors=True)
+    for tmp in ckpt_dir.glob(".step_*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class JsonlLogger:
@@ -89,10 +165,34 @@ class JsonlLogger:
                 f.write(json.dumps(record) + "\n")
 
 
+def launcher() -> str:
+    """How this process was started: ``python -m``, or ``accelerate launch`` with its own arguments (read from the
+    launching process's command line where the OS shows it, else rebuilt from the variables accelerate sets)."""
+    if not any(k.startswith("ACCELERATE_") for k in os.environ):
+        return "python -m"
+    try:  # accelerate launch -> (torch's elastic agent, same process) -> this worker: the parent is the launcher
+        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
+        words = [w.decode() for w in parent if w]
+        i = next(i for i, w in enumerate(words) if w.endswith("accelerate.commands.launch")
+                 or (w == "launch" and i > 0 and "accelerate" in words[i - 1]))
+        rest = words[i + 1:]
+        rest = rest[: rest.index("-m")] if "-m" in rest else [w for w in rest if w.startswith("-")]
+        return " ".join(["accelerate launch"] + [shlex.quote(w) for w in rest] + ["-m"])
+    except (OSError, StopIteration, ValueError):
+        pass
+    parts = ["accelerate launch"]
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"):
+        parts.append("--cpu")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        parts.append(f"--num_processes {os.environ['WORLD_SIZE']}")
+    if os.environ.get("ACCELERATE_MIXED_PRECISION", "no") != "no":
+        parts.append(f"--mixed_precision {os.environ['ACCELERATE_MIXED_PRECISION']}")
+    return " ".join(parts + ["-m"])
+
+
 def command_line(stage: str, args) -> str:
-    """The command as it was run (``accelerate launch`` sets ACCELERATE_* variables in its processes)."""
-    launcher = "accelerate launch -m" if any(k.startswith("ACCELERATE_") for k in os.environ) else "python -m"
-    return f"{launcher} invint_hub.train " + " ".join(shlex.quote(a) for a in args.argv)
+    """The command as it was run, launcher and its arguments included."""
+    return f"{launcher()} invint_hub.train " + " ".join(shlex.quote(a) for a in args.argv)
 
 
 def record_command(out: Path, name: str, args, from_step: int, steps: int, main_process: bool) -> None:
@@ -149,12 +249,7 @@ def run_training(acc, name: str, optimizers, step_fn, eval_fn, train_ds, t: dict
     # the schedule's base learning rates come from the config, before a resume loads the optimizer's last lr
     base_lrs = [[g["lr"] for g in opt.param_groups] for opt in optimizers]
     if args.resume:
-        last = latest_checkpoint(ckpt_dir)
-        if last is not None:
-            step = load_checkpoint(acc, last)
-            acc.print(f"resumed {name} from {last} (step {step})")
-        else:
-            acc.print(f"--resume: no checkpoint in {ckpt_dir}, starting from scratch")
+        step = resume(acc, ckpt_dir, name)
     logger = JsonlLogger(out / "logs" / f"{name}.jsonl", acc.is_main_process)
     record_command(out, name, args, step, t["steps"], acc.is_main_process)
     bar = tqdm(total=t["steps"], initial=step, desc=name, disable=not acc.is_main_process or args.quiet, dynamic_ncols=True)
@@ -187,8 +282,7 @@ def run_training(acc, name: str, optimizers, step_fn, eval_fn, train_ds, t: dict
             acc.wait_for_everyone()
             save_checkpoint(acc, ckpt_dir / f"step_{step}", step)
             if acc.is_main_process:
-                for old in sorted(ckpt_dir.glob("step_*"), key=lambda p: int(p.name.split("_")[1]))[: -t["keep_checkpoints"]]:
-                    shutil.rmtree(old, ignore_errors=True)
+                prune_checkpoints(ckpt_dir, t["keep_checkpoints"])
         if args.stop_after is not None and step >= args.stop_after:  # simulate a kill (tests)
             acc.wait_for_everyone()
             acc.print(f"stopping after step {step} (--stop-after)")

@@ -50,14 +50,140 @@ CONCEPT_VARIANCE_IMAGES = 512  # test images of the concept stage's per-layer va
 
 
 def load_config(path: str | Path) -> dict:
-    """Read a YAML config; a ``data`` section with name, image_size and channels is required."""
-    cfg = yaml.safe_load(Path(path).read_text())
-    if not isinstance(cfg, dict) or "data" not in cfg:
-        raise ValueError(f"{path}: a config needs a 'data' section")
-    for key in ("name", "image_size", "channels"):
-        if key not in cfg["data"]:
-            raise ValueError(f"{path}: data.{key} is missing")
+    """Read and validate a YAML config (``validate_config``): every mistake is a ``ValueError`` naming the file and
+    the key, raised before any training starts."""
+    try:
+        cfg = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML ({err})".replace("\n", " ")) from err
+    validate_config(cfg, path)
     return cfg
+
+
+# --- validation ----------------------------------------------------------------------------------------------
+# A rule is a type (int, float, str, bool, list), a tuple of allowed values, or a dict of sub-rules. float accepts
+# ints and YAML's unquoted exponents ("1e-3" is a string to YAML 1.1); a callable checks a range.
+def _positive(v):
+    return v > 0
+
+
+def _non_negative(v):
+    return v >= 0
+
+
+TRAIN_RULES = dict(
+    steps=(int, _non_negative), batch_size=(int, _positive), lr=(float, _positive), betas=(list, None),
+    weight_decay=(float, _non_negative), schedule=(("constant", "cosine"), None), warmup=(int, _non_negative),
+    clip_grad=(float, _non_negative), log_every=(int, _positive), eval_every=(int, _non_negative),
+    checkpoint_every=(int, _non_negative), keep_checkpoints=(int, _positive), eval_samples=(int, _positive),
+)
+DATA_RULES = dict(
+    name=(str, None), image_size=(int, lambda v: v >= 4), channels=((1, 3), None), train_split=(str, None),
+    test_split=(str, None), seed=(int, None), num_classes=(int, _positive), label_column=(str, None),
+)
+PRETRAINED_RULES = dict(source=(("torchvision", "timm"), None), name=(str, None), arch=(str, None), weights=(None, None),
+                        weights_path=(str, None), layers=(list, None), input_size=(int, _positive))
+LOSS_RULES = dict(
+    perceptual=(("backbone", "lpips", "none"), None), perceptual_weight=(float, _non_negative),
+    perceptual_layers=(list, None), lpips_weights=(str, None), kl_weight=(float, _non_negative),
+    disc_weight=(float, _non_negative), disc_start=(int, _non_negative), disc_lr_factor=(float, _positive),
+)
+CONCEPT_RULES = dict(pairs=(("colormnist", "labels", "attributes"), None), factors=(list, None), attributes=(dict, None),
+                     factor_sizes=(None, None), rho=(float, lambda v: 0 <= v < 1), estimate_pairs=(int, _positive))
+SECTIONS = {  # section -> allowed keys (model sections are checked against the model class)
+    "data": set(DATA_RULES), "classifier": {"model", "train", "pretrained"},
+    "autoencoder": {"model", "loss", "train"}, "cinn": {"layers", "model", "layer_overrides", "train", "train_overrides"},
+    "concepts": {"model", "train"} | set(CONCEPT_RULES),
+}
+
+
+def _check_value(value, rule, key: str, where: str) -> None:
+    kind, check = rule
+    if isinstance(kind, tuple):  # one of a few allowed values
+        if value not in kind:
+            raise ValueError(f"{where}: {key} = {value!r}; allowed values: {', '.join(map(repr, kind))}")
+        return
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"{where}: {key} = {value!r} is not a number") from None
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if not ok:
+        hint = f" (write {value} without quotes)" if kind in (int, float) and isinstance(value, str) else ""
+        raise ValueError(f"{where}: {key} = {value!r} ({type(value).__name__}); expected {kind.__name__}{hint}")
+    if check is not None and not check(value):
+        raise ValueError(f"{where}: {key} = {value!r} is out of range")
+
+
+def _check_section(values, rules: dict, prefix: str, where: str) -> None:
+    if values is None:
+        return
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: {prefix} must be a mapping, got {values!r}")
+    for key, value in values.items():
+        if key not in rules:
+            raise ValueError(f"{where}: unknown key {prefix}.{key}; allowed: {', '.join(sorted(rules))}")
+        rule = rules[key]
+        if rule[0] is None or value is None:  # free-form (validated where it is used) or explicitly unset
+            continue
+        _check_value(value, rule, f"{prefix}.{key}", where)
+
+
+def _check_model(values, cls, prefix: str, where: str) -> None:
+    from ..hub import check_config
+
+    if values is None:
+        return
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: {prefix} must be a mapping, got {values!r}")
+    check_config(cls, values, f"{where}: {prefix}")
+
+
+def validate_config(cfg, path: str | Path) -> None:
+    """``ValueError`` naming ``path`` and the key for an unknown section or key, a value of the wrong type, or one
+    outside its allowed values or range. Model sections take exactly their model's constructor arguments."""
+    from ..autoencoder import Autoencoder
+    from ..backbones import Backbone
+    from ..cinn import ConditionalINN
+    from ..concepts import FactorINN
+
+    where = str(path)
+    if not isinstance(cfg, dict) or "data" not in cfg:
+        raise ValueError(f"{where}: a config needs a 'data' section")
+    for name in cfg:
+        if name not in SECTIONS:
+            raise ValueError(f"{where}: unknown section {name!r}; allowed: {', '.join(SECTIONS)}")
+    for key in ("name", "image_size", "channels"):
+        if key not in (cfg["data"] or {}):
+            raise ValueError(f"{where}: data.{key} is missing")
+    _check_section(cfg["data"], DATA_RULES, "data", where)
+    models = {"classifier": Backbone, "autoencoder": Autoencoder, "cinn": ConditionalINN, "concepts": FactorINN}
+    for name, cls in models.items():
+        sec = cfg.get(name)
+        if sec is None:
+            continue
+        if not isinstance(sec, dict):
+            raise ValueError(f"{where}: section {name} must be a mapping, got {sec!r}")
+        for key in sec:
+            if key not in SECTIONS[name]:
+                raise ValueError(f"{where}: unknown key {name}.{key}; allowed: {', '.join(sorted(SECTIONS[name]))}")
+        _check_model(sec.get("model"), cls, f"{name}.model", where)
+        _check_section(sec.get("train"), TRAIN_RULES, f"{name}.train", where)
+    _check_section((cfg.get("classifier") or {}).get("pretrained"), PRETRAINED_RULES, "classifier.pretrained", where)
+    _check_section((cfg.get("autoencoder") or {}).get("loss"), LOSS_RULES, "autoencoder.loss", where)
+    concepts = cfg.get("concepts") or {}
+    _check_section({k: v for k, v in concepts.items() if k not in ("model", "train")}, CONCEPT_RULES, "concepts", where)
+    cinn = cfg.get("cinn") or {}
+    for layer, override in (cinn.get("layer_overrides") or {}).items():
+        _check_model(override, ConditionalINN, f"cinn.layer_overrides.{layer}", where)
+    for layer, override in (cinn.get("train_overrides") or {}).items():
+        _check_section(override, TRAIN_RULES, f"cinn.train_overrides.{layer}", where)
+    if cinn.get("layers") is not None and not isinstance(cinn["layers"], list):
+        raise ValueError(f"{where}: cinn.layers must be a list of layer names, got {cinn['layers']!r}")
 
 
 def section(cfg: dict, name: str) -> dict:
@@ -88,6 +214,9 @@ def train_settings(cfg: dict, stage: str, args, layer: str | None = None) -> dic
         t["steps"] = args.steps
     if args.batch_size is not None:
         t["batch_size"] = args.batch_size
+    for k in ("checkpoint_every", "keep_checkpoints"):
+        if getattr(args, k, None) is not None:
+            t[k] = getattr(args, k)
     for k in ("lr", "weight_decay", "clip_grad"):
         t[k] = float(t[k])
     return t
