@@ -670,8 +670,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--concurrency", type=int, default=4, help="requests computed at once over all models")
     ap.add_argument("--per-model", type=int, default=2, help="requests one model computes at once")
     ap.add_argument("--examples", type=int, default=10, help="example images per model")
-    ap.add_argument("--plain", action="store_true",
-                    help="run the cINNs on the straightforward path instead of the fast path (same results, slower)")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("INVINT_TORCH_THREADS", 1)),
                     help="torch threads per request (default 1: requests run in parallel instead; more threads "
                          "on a shared 2-core CPU make every request many times slower)")
@@ -690,7 +688,7 @@ def main(argv: list[str] | None = None) -> None:
     models = models_from(args)
     try:
         registry = space.ModelRegistry(models, include_embedded=not args.no_embedded, per_model_limit=args.per_model,
-                                       examples_per_model=args.examples, fast=not args.plain)
+                                       examples_per_model=args.examples)
         if models:  # an explicitly named model comes first
             registry.names.remove(models[0])
             registry.names.insert(0, models[0])

@@ -19,7 +19,8 @@ from torch import nn
 
 from invint_hub.autoencoder import Autoencoder, FeaturePerceptualLoss
 from invint_hub.backbones import Backbone
-from invint_hub.cinn import INN, make_embedder
+from invint_hub.cinn import INN
+from invint_hub.embedders import make_embedder
 from invint_hub.hub import HUB_KWARGS, HubMixin
 
 
@@ -271,7 +272,7 @@ def sample_iin(autoencoder: Autoencoder, inn: INN, n: int, seed: int = 0, batch_
     out = []
     for i in range(0, n, batch_size):
         eps = torch.randn(min(batch_size, n - i), inn.dim, generator=g).to(device)
-        out.append(autoencoder.decode(inn.inverse(eps)).cpu())
+        out.append(autoencoder.decode(inn.inverse(eps)[0]).cpu())
     return torch.cat(out)
 
 

@@ -167,7 +167,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--stress", type=float, default=0, metavar="SECONDS", help="8 concurrent clients for SECONDS")
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1, as app.py)")
-    ap.add_argument("--plain", action="store_true", help="cINNs on the straightforward path (app.py --plain)")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--verbose", action="store_true", help="print every run")
     args = ap.parse_args(argv)
@@ -185,7 +184,7 @@ def main(argv=None) -> dict:
         model = args.model or "mnist"
         if model not in embedded_pipelines() and not Path(model).exists() and model.count("/") != 1:
             sys.exit(f"model {model!r} not found (embedded: {embedded_pipelines()}); try --random-from-config configs/mnist.yaml")
-    registry = space.ModelRegistry([model], include_embedded=False, fast=not args.plain)
+    registry = space.ModelRegistry([model], include_embedded=False)
     sa = app.SpaceApp(registry)
     entry = registry.get(model)
     pipe = entry.pipe

@@ -1,34 +1,32 @@
-"""Benchmark the cINN's straightforward and fast paths (issue 6).
+"""Benchmark the cINN on CPU (and CUDA when present): plain eager, ``torch.compile`` of it, bf16 autocast.
 
     python -m eval.bench_cinn                                   # CPU, and CUDA when present
-    python -m eval.bench_cinn --devices cpu --sections demo     # CPU demo sampling latency only
+    python -m eval.bench_cinn --devices cpu --sections demo     # demo sampling latency only
     python -m eval.bench_cinn --markdown eval/results/bench_cinn.md
 
-Both paths are the same ``ConditionalINN`` with the same parameters: "plain" is the
-straightforward eager model (``model.fast(False)``, fp32, ``torch.optim.Adam``), "fast" is
-``model.fast(True)`` (stacked s/t subnets in batched matmuls, no host synchronisation; for
-training the parameters of each subnet layer share one stacked storage, so a step stacks them as
-views; for inference cached weights, one gather + one addcmul per block, in-place couplings and
-the embedder's ActNorms folded into its Linear/Conv weights) plus, on CUDA, a fused capturable
-Adam and the whole training step replayed as one CUDA graph, optionally with bf16 autocast
-(log-determinants in fp32).
+Paths (``--paths``; the same ``ConditionalINN`` with the same parameters):
+  plain     the module as it is, fp32.
+  compiled  ``torch.compile`` (inductor) of the plain module's embedder and flow (both directions);
+            the one-time compile time is reported separately ("first call").
+  bf16      the plain module under ``torch.autocast(dtype=torch.bfloat16)`` (the flow's log-determinant
+            stays fp32). Where a bf16 matmul does not run, it falls back to fp32 with a one-line warning.
 
 Sections (``--sections``, comma list):
-  demo    16 samples for the demo sizes (MNIST cINN with a flat and a spatial condition, and
-          the paper size); median latency of ``--repeats`` interleaved calls after warm-up.
-  train   training steps/s at ``--batches`` for the paper size, with TFLOP/s (FLOPs counted by
-          ``torch.utils.flop_counter`` on the plain step) and, on CUDA, the share of the card's
-          bf16 matrix peak; ``--big-batch`` adds one large fast-path batch on CUDA.
-  sample  samples/s at ``--batches`` for the paper size (one sample per representation).
-  parity  NLL curves of plain and fast over ``--parity-steps`` steps on the same synthetic data,
-          against the run-to-run noise of a second seed.
+  demo    ``n`` = 16 samples of one representation for the demo sizes (the MNIST cINN with a flat and
+          a spatial condition, and the paper size); median latency of interleaved calls.
+  train   paper-size training steps/s at ``--batches`` with TFLOP/s (FLOPs counted by
+          ``torch.utils.flop_counter`` on the plain step) and, on CUDA, the share of the bf16 peak.
+  sample  paper-size sampling throughput at ``--batches`` (one sample per representation).
+  parity  training NLL curves of plain and ``--parity-path`` on the same data and seed, against the
+          run-to-run noise of a second seed.
 
-CPU timings on a shared machine are noisy: every comparison runs both paths in one process,
-interleaved, so both see the same contention.
+The training loss is ``flows.standard_normal_nll`` (the one NLL of the library). CPU timings on a shared
+machine are noisy: every comparison runs all paths in one process, interleaved, so they share the load.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -37,6 +35,7 @@ import statistics
 import sys
 import time
 import traceback
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -44,6 +43,7 @@ from typing import Callable
 import torch
 
 from invint_hub.cinn import ConditionalINN
+from invint_hub.flows import standard_normal_nll
 
 SIZES: dict[str, dict] = {
     # the embedded MNIST pipeline's cINNs (configs/mnist.yaml): fc (128) and conv1 (32x16x16) layers
@@ -57,16 +57,15 @@ SIZES: dict[str, dict] = {
     # a small model for the CPU parity run
     "small": dict(latent_dim=32, cond_shape=[16], embed_dim=16, n_flows=4, hidden=128, depth=2, embedder_depth=2),
 }
-# "plain": the straightforward eager model; "fast": the fast path in fp32; "fast-bf16": its subnet
-# matmuls in bf16 (autocast while training), the flow's state and log-determinant in fp32.
-PATHS: dict[str, torch.dtype | None] = {"plain": None, "fast": None, "fast-bf16": torch.bfloat16}
+PATHS = ("plain", "compiled", "bf16")
 PAPER_LR, PAPER_BETAS = 7.2e-5, (0.5, 0.9)  # 4.5e-6 x batch 16, official configs
 # Dense bf16 tensor-core peak (spec sheets, TFLOP/s), matched against torch.cuda.get_device_name().
 BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0}
+_BF16_OK: dict[str, bool] = {}
 
 
 # ---------------------------------------------------------------------------------------------
-# models, data, timing
+# models, paths, timing
 # ---------------------------------------------------------------------------------------------
 def build(size: str, device: torch.device, seed: int = 0) -> ConditionalINN:
     """A model of ``size`` with its ActNorms initialised on a random batch (not the identity)."""
@@ -80,6 +79,46 @@ def build(size: str, device: torch.device, seed: int = 0) -> ConditionalINN:
     return model.eval()
 
 
+def bf16_works(device: torch.device) -> bool:
+    """Probe once per device type whether a bf16 autocast matmul runs; if not, warn (one line) and say so."""
+    kind = device.type
+    if kind not in _BF16_OK:
+        try:
+            a = torch.ones(8, 8, device=device)
+            with torch.autocast(kind, dtype=torch.bfloat16):
+                (a @ a).sum().item()
+            _BF16_OK[kind] = True
+        except RuntimeError as e:
+            warnings.warn(f"bf16 matmuls fail on {kind} ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                          "the bf16 path runs in fp32", stacklevel=2)
+            _BF16_OK[kind] = False
+    return _BF16_OK[kind]
+
+
+def autocast(path: str, device: torch.device):
+    """The context of ``path``: bf16 autocast for 'bf16' (fp32 where bf16 does not run), else nothing."""
+    if path == "bf16" and bf16_works(device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def dtype_name(path: str, device: torch.device) -> str:
+    return "bfloat16" if path == "bf16" and bf16_works(device) else "float32"
+
+
+def for_path(model: ConditionalINN, path: str) -> ConditionalINN:
+    """A copy of ``model`` for ``path`` ('compiled': the embedder and both directions of the flow
+    wrapped by ``torch.compile``; the state dict is unchanged)."""
+    if path not in PATHS:
+        raise ValueError(f"unknown path {path!r}; known: {list(PATHS)}")
+    m = copy.deepcopy(model)
+    if path == "compiled":
+        m.embedder.forward = torch.compile(m.embedder.forward, dynamic=False)
+        m.flow.forward = torch.compile(m.flow.forward, dynamic=False)
+        m.flow.inverse = torch.compile(m.flow.inverse, dynamic=False)
+    return m
+
+
 def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -87,6 +126,15 @@ def n_params(model: torch.nn.Module) -> int:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def first_call_s(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds of the first call (for 'compiled': the compile time)."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def time_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int,
@@ -117,6 +165,14 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def spread(xs: list[float]) -> tuple[float, float]:
+    """Interquartile range (seconds)."""
+    if len(xs) < 2:
+        return xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4)
+    return q[0], q[2]
+
+
 def bf16_peak(device: torch.device, override: float | None) -> float | None:
     if override:
         return override
@@ -129,103 +185,33 @@ def bf16_peak(device: torch.device, override: float | None) -> float | None:
     return None
 
 
-def make_adam(params, fused: bool, capturable: bool, lr: float) -> torch.optim.Optimizer:
-    """Adam with the paper's betas; ``fused`` falls back to the default kernel where unsupported."""
-    params = list(params)
-    if fused:
-        try:
-            return torch.optim.Adam(params, lr=lr, betas=PAPER_BETAS, fused=True, capturable=capturable)
-        except (RuntimeError, ValueError):
-            pass
-    return torch.optim.Adam(params, lr=lr, betas=PAPER_BETAS, capturable=capturable)
-
-
 def nll_loss(model: ConditionalINN, zbar: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """The training loss of ``train.py``: mean of 0.5 |v|^2 - logdet (constant dropped), in fp32."""
+    """Mean per-sample NLL in nats (``flows.standard_normal_nll``, the loss of the training command)."""
     v, logdet = model(zbar, z)
-    return (0.5 * v.float().pow(2).sum(1) - logdet).mean()
+    return standard_normal_nll(v, logdet).mean()
 
 
-class TrainStep:
-    """One optimisation step of ``model`` on (zbar, z); returns the loss (a device tensor, no sync).
+def make_step(model: ConditionalINN, path: str, device: torch.device, lr: float) -> Callable:
+    """One Adam step of ``path`` on (zbar, z); returns the loss (a device tensor, no sync)."""
+    model = for_path(model, path).train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr, betas=PAPER_BETAS)
 
-    With ``graph=True`` (CUDA) the first ``warmup`` calls run eagerly on a side stream, the next
-    call captures forward + backward + optimizer step as one CUDA graph, and every call from then
-    on copies its batch into the graph's static inputs and replays it. Every call is a real step,
-    so a graphed run and an eager run see the same sequence of updates. The optimizer must be
-    ``capturable`` for graphs. ``autocast`` runs the forward in that dtype (bf16); the fast path
-    keeps the flow's state and its log-determinant in fp32.
-    """
-
-    def __init__(self, model: ConditionalINN, opt: torch.optim.Optimizer, graph: bool = False,
-                 autocast: torch.dtype | None = None, warmup: int = 3):
-        self.model, self.opt, self.graph, self.autocast, self.warmup = model, opt, graph, autocast, warmup
-        self.calls = 0
-        self._g: torch.cuda.CUDAGraph | None = None
-        self._static: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-
-    def _body(self, zbar: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        device_type = zbar.device.type
-        # the autocast weight cache must be off under graph capture
-        with torch.autocast(device_type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None,
-                            cache_enabled=False if self.graph else None):
-            loss = nll_loss(self.model, zbar, z)
+    def step(zbar: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        with autocast(path, device):
+            loss = nll_loss(model, zbar, z)
         loss.backward()
-        self.opt.step()
+        opt.step()
         return loss.detach()
 
-    def __call__(self, zbar: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        if not self.graph:
-            self.opt.zero_grad(set_to_none=True)
-            return self._body(zbar, z)
-        if self._g is None and self.calls <= self.warmup:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self.opt.zero_grad(set_to_none=True)
-                loss = self._body(zbar, z)
-            torch.cuda.current_stream().wait_stream(side)
-            return loss
-        if self._g is None:
-            static_zbar, static_z = zbar.clone(), z.clone()
-            self.opt.zero_grad(set_to_none=True)
-            self._g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._g):
-                static_loss = self._body(static_zbar, static_z)
-            self._static = (static_zbar, static_z, static_loss)
-        static_zbar, static_z, static_loss = self._static
-        static_zbar.copy_(zbar)
-        static_z.copy_(z)
-        self._g.replay()
-        return static_loss
-
-
-def make_step(model: ConditionalINN, path: str, device: torch.device, lr: float) -> TrainStep:
-    """'plain': eager fp32 + Adam (default kernels); 'fast'/'fast-bf16': fast path + fused Adam
-    (+ on CUDA a capturable optimizer and the whole step as one CUDA graph; + bf16 autocast)."""
-    if path not in PATHS:
-        raise ValueError(f"unknown path {path!r}; known: {list(PATHS)}")
-    model.train()
-    if path == "plain":
-        model.fast(False)
-        return TrainStep(model, make_adam(model.parameters(), fused=False, capturable=False, lr=lr))
-    model.fast(True)
-    model.flow.stack_parameters()  # the one-time move into stacked storage (else the first fast step does it)
-    cuda = device.type == "cuda"
-    opt = make_adam(model.parameters(), fused=True, capturable=cuda, lr=lr)
-    return TrainStep(model, opt, graph=cuda, autocast=PATHS[path])
-
-
-def dtype_name(path: str) -> str:
-    return str(PATHS[path] or torch.float32).replace("torch.", "")
+    return step
 
 
 def count_step_flops(model: ConditionalINN, batch: int, device: torch.device) -> int:
     """Matmul/conv FLOPs of one plain training step (forward + backward) at ``batch``."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    m = copy.deepcopy(model).train().fast(False)
+    m = copy.deepcopy(model).train()
     zbar = torch.randn(batch, m.latent_dim, device=device)
     z = torch.randn(batch, *m.cond_shape, device=device)
     with FlopCounterMode(display=False) as counter:
@@ -233,131 +219,59 @@ def count_step_flops(model: ConditionalINN, batch: int, device: torch.device) ->
     return int(counter.get_total_flops())
 
 
-def count_step_ops(path: str, device: torch.device) -> int:
-    """Kernel-launching aten ops (views and allocations excluded) of one training step of a model with
-    the paper's structure (20 blocks, depth 2; narrow, as the count does not depend on the width).
-    A device-independent proxy for the kernel launches per step; the fast path is counted eagerly
-    (its CUDA graph replays exactly these kernels)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    free = {"empty", "empty_strided", "_local_scalar_dense", "detach", "lift_fresh"}
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func.is_view and func.__name__.split(".")[0] not in free:
-                Count.n += 1
-            return func(*args, **(kwargs or {}))
-
-    spec = dict(SIZES["paper"], hidden=8, cond_shape=[64])
-    torch.manual_seed(0)
-    model = ConditionalINN(**spec).to(device)
-    zbar, z = torch.randn(16, spec["latent_dim"], device=device), torch.randn(16, 64, device=device)
-    with torch.no_grad():
-        model.train()(zbar, z)
-    step = make_step(model, path, device, PAPER_LR)
-    step.graph = False  # count eagerly
-    step(zbar, z)
-    with Count():
-        step(zbar, z)
-    return Count.n
-
-
-def count_call_ops(fn: Callable[[], object]) -> int:
-    """The aten ops (views included: each is a dispatch too) that one call of ``fn`` issues."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            Count.n += 1
-            return func(*args, **(kwargs or {}))
-
-    with Count():
-        fn()
-    return Count.n
-
-
 # ---------------------------------------------------------------------------------------------
 # sections
 # ---------------------------------------------------------------------------------------------
-def bench_demo(device: torch.device, repeats: int, warmup: int, sizes: list[str], n: int = 16) -> list[dict]:
-    """Latency of drawing ``n`` samples for one representation: plain vs fast fp32 vs fast bf16."""
+def bench_demo(device: torch.device, repeats: int, warmup: int, sizes: list[str], paths: list[str],
+               n: int = 16) -> list[dict]:
+    """Latency of drawing ``n`` samples for one representation on every path."""
     rows = []
     for size in sizes:
         model = build(size, device)
         z = torch.randn(1, *model.cond_shape, device=device)
-        models = {
-            "plain": model,
-            "fast": copy.deepcopy(model).fast(True),
-            "fast-bf16": copy.deepcopy(model).fast(True, dtype=torch.bfloat16),
-        }
-        gen = {k: torch.Generator(device=device) for k in models}
+        models = {k: for_path(model, k) for k in paths}
 
         def call(k):
-            gen[k].manual_seed(0)
-            return models[k].sample(z, n=n, generator=gen[k])
+            with torch.no_grad(), autocast(k, device):
+                return models[k].sample(z, n=n, generator=torch.Generator(device=device).manual_seed(0))
 
+        first = {k: first_call_s(lambda k=k: call(k), device) for k in paths}
         with torch.no_grad():
-            ref = call("plain")
-            err = {k: ((call(k) - ref).norm() / ref.norm()).item() for k in models}
-            ops = {k: count_call_ops(lambda k=k: call(k)) for k in models}
-            reps = repeats
-            t, c = time_interleaved({k: (lambda k=k: call(k)) for k in models}, reps, warmup, device)
-        for k in models:
-            rows.append(dict(device=device.type, size=size, params=n_params(model), path=k, samples=n, repeats=reps,
-                             ms=1e3 * median(t[k]), speedup=median(t["plain"]) / median(t[k]),
-                             cpu_ms=1e3 * median(c[k]), cpu_speedup=median(c["plain"]) / median(c[k]), rel_err=err[k],
-                             ops=ops[k]))
+            ref = for_path(model, "plain").sample(z, n=n, generator=torch.Generator(device=device).manual_seed(0))
+        err = {k: ((call(k).float() - ref).norm() / ref.norm()).item() for k in paths}
+        t, c = time_interleaved({k: (lambda k=k: call(k)) for k in paths}, repeats, warmup, device)
+        base = paths[0]
+        for k in paths:
+            lo, hi = spread(t[k])
+            rows.append(dict(device=device.type, size=size, params=n_params(model), path=k, samples=n, repeats=repeats,
+                             ms=1e3 * median(t[k]), iqr_ms=(1e3 * lo, 1e3 * hi), first_s=first[k],
+                             speedup=median(t[base]) / median(t[k]), cpu_ms=1e3 * median(c[k]), rel_err=err[k],
+                             dtype=dtype_name(k, device)))
         del models
     return rows
 
 
 def bench_train(device: torch.device, batches: list[int], paths: list[str], repeats: int, warmup: int,
-                big_batch: int | None, peak: float | None) -> list[dict]:
-    """Paper-size training step: plain eager vs fast, steps/s and TFLOP/s."""
+                peak: float | None) -> list[dict]:
+    """Paper-size training step on every path: steps/s and TFLOP/s."""
     rows = []
     base_model = build("paper", device)
     flops16 = count_step_flops(base_model, 16, device)  # matmul FLOPs scale linearly with the batch
-    ops = {path: count_step_ops(path, device) for path in paths}
-    plans = [(b, paths) for b in batches]
-    if big_batch and device.type == "cuda" and "fast-bf16" in paths:
-        plans.append((big_batch, ["fast-bf16"]))
-    for batch, paths in plans:
+    for batch in batches:
         g = torch.Generator(device=device).manual_seed(batch)
         zbar = torch.randn(batch, base_model.latent_dim, generator=g, device=device)
         z = torch.randn(batch, *base_model.cond_shape, generator=g, device=device)
-        steps, err = {}, {}
-        for path in paths:
-            try:
-                steps[path] = make_step(copy.deepcopy(base_model), path, device, PAPER_LR)
-                for _ in range(max(warmup, 4 if device.type == "cuda" else 0)):  # graph warm-up + capture
-                    steps[path](zbar, z)
-                sync(device)
-            except RuntimeError as e:  # out of memory (or a failed capture) at the big batch: report, go on
-                if not (isinstance(e, torch.cuda.OutOfMemoryError) or batch == big_batch):
-                    raise
-                err[path] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
-                steps.pop(path, None)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-        t, c = time_interleaved({k: (lambda s=s: s(zbar, z)) for k, s in steps.items()}, repeats, 0, device)
+        steps = {k: make_step(base_model, k, device, PAPER_LR) for k in paths}
+        first = {k: first_call_s(lambda s=s: s(zbar, z), device) for k, s in steps.items()}
+        t, c = time_interleaved({k: (lambda s=s: s(zbar, z)) for k, s in steps.items()}, repeats, warmup, device)
         flops = flops16 * batch / 16
-        for path in paths:
-            if path in err:
-                rows.append(dict(device=device.type, batch=batch, path=path, error=err[path]))
-                continue
-            sec = median(t[path])
+        for k in paths:
+            sec = median(t[k])
             tflops = flops / sec / 1e12
-            rows.append(dict(device=device.type, batch=batch, path=path, repeats=repeats, ms=1e3 * sec,
-                             steps_per_s=1 / sec, tflops=tflops, ops=ops[path],
-                             peak_pct=100 * tflops / peak if peak else None,
-                             dtype=dtype_name(path),
-                             speedup=median(t["plain"]) / sec if "plain" in t else None,
-                             cpu_ms=1e3 * median(c[path]),
-                             cpu_speedup=median(c["plain"]) / median(c[path]) if "plain" in c else None))
+            rows.append(dict(device=device.type, batch=batch, path=k, repeats=repeats, ms=1e3 * sec,
+                             steps_per_s=1 / sec, tflops=tflops, peak_pct=100 * tflops / peak if peak else None,
+                             dtype=dtype_name(k, device), first_s=first[k], speedup=median(t[paths[0]]) / sec,
+                             cpu_ms=1e3 * median(c[k])))
         del steps
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -365,48 +279,27 @@ def bench_train(device: torch.device, batches: list[int], paths: list[str], repe
 
 
 def bench_sample(device: torch.device, batches: list[int], paths: list[str], repeats: int, warmup: int) -> list[dict]:
-    """Paper-size sampling throughput, one sample per representation (the embedder included).
-
-    The fast paths keep their stacked weights cached (inference); on CUDA each call is one graph replay.
-    """
+    """Paper-size sampling throughput, one sample per representation (the embedder included)."""
     rows = []
     model = build("paper", device)
-    models = {k: model if k == "plain" else copy.deepcopy(model).fast(True, dtype=PATHS[k]) for k in paths}
+    models = {k: for_path(model, k) for k in paths}
     for batch in batches:
         g = torch.Generator(device=device).manual_seed(batch)
         z = torch.randn(batch, *model.cond_shape, generator=g, device=device)
         v = torch.randn(batch, model.latent_dim, generator=g, device=device)
-        fns = {k: (lambda m=m: m.inverse(v, z)) for k, m in models.items()}
-        with torch.no_grad():
-            if device.type == "cuda":
-                fns = {k: graphed(fn) if k != "plain" else fn for k, fn in fns.items()}
-            t, c = time_interleaved(fns, repeats, warmup, device)
-        for k in fns:
+
+        def call(k):
+            with torch.no_grad(), autocast(k, device):
+                return models[k].inverse(v, z)
+
+        first = {k: first_call_s(lambda k=k: call(k), device) for k in paths}
+        t, c = time_interleaved({k: (lambda k=k: call(k)) for k in paths}, repeats, warmup, device)
+        for k in paths:
             sec = median(t[k])
             rows.append(dict(device=device.type, batch=batch, path=k, repeats=repeats, ms=1e3 * sec,
-                             samples_per_s=batch / sec, dtype=dtype_name(k),
-                             speedup=median(t["plain"]) / sec if "plain" in t else None, cpu_ms=1e3 * median(c[k]),
-                             cpu_speedup=median(c["plain"]) / median(c[k]) if "plain" in c else None))
+                             samples_per_s=batch / sec, dtype=dtype_name(k, device), first_s=first[k],
+                             speedup=median(t[paths[0]]) / sec, cpu_ms=1e3 * median(c[k])))
     return rows
-
-
-def graphed(fn: Callable[[], torch.Tensor], warmup: int = 2) -> Callable[[], torch.Tensor]:
-    """Capture a no-grad call with static inputs as a CUDA graph; the returned function replays it."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
-
-    def replay():
-        g.replay()
-        return out
-
-    return replay
 
 
 class SyntheticConditional:
@@ -428,7 +321,7 @@ class SyntheticConditional:
 
 def run_curve(size: str, path: str, steps: int, batch: int, lr: float, seed: int, data: SyntheticConditional,
               device: torch.device) -> list[float]:
-    """Per-step training NLL (nats/sample, constant dropped) of one run; init and data order from ``seed``."""
+    """Per-step training NLL (nats/sample) of one run; init and data order from ``seed``."""
     torch.manual_seed(seed)
     model = ConditionalINN(**SIZES[size]).to(device)
     order = torch.Generator(device="cpu").manual_seed(seed)
@@ -444,18 +337,18 @@ def run_curve(size: str, path: str, steps: int, batch: int, lr: float, seed: int
     return losses.cpu().tolist()
 
 
-def bench_parity(device: torch.device, size: str, steps: int, batch: int, lr: float, fast_path: str,
+def bench_parity(device: torch.device, size: str, steps: int, batch: int, lr: float, path: str,
                  window: int, noise_path: str = "plain", seed: int = 0) -> dict:
-    """Plain vs ``fast_path`` on the same data and seed, against a run with another seed (run-to-run noise).
+    """Plain vs ``path`` on the same data and seed, against a run with another seed (run-to-run noise).
 
-    The noise run takes ``noise_path`` (``plain``, or a fast path where eager plain steps are slow).
+    The noise run takes ``noise_path`` (``plain``, or ``path`` where plain steps are slow).
     """
     spec = SIZES[size]
     data = SyntheticConditional(spec["latent_dim"], math.prod(spec["cond_shape"]), 16384, device)
     t0 = time.perf_counter()
     curves = {
         "plain": run_curve(size, "plain", steps, batch, lr, seed, data, device),
-        "fast": run_curve(size, fast_path, steps, batch, lr, seed, data, device),
+        "other": run_curve(size, path, steps, batch, lr, seed, data, device),
         "seed2": run_curve(size, noise_path, steps, batch, lr, seed + 1, data, device),
     }
     window = max(1, min(window, steps // 4))
@@ -465,14 +358,14 @@ def bench_parity(device: torch.device, size: str, steps: int, batch: int, lr: fl
 
     sm = {k: smooth(c) for k, c in curves.items()}
     half = len(sm["plain"]) // 2
-    diff_fast = statistics.fmean(abs(a - b) for a, b in zip(sm["plain"][half:], sm["fast"][half:]))
-    ref = sm["plain" if noise_path == "plain" else "fast"]  # noise: the same recipe with two seeds
+    diff = statistics.fmean(abs(a - b) for a, b in zip(sm["plain"][half:], sm["other"][half:]))
+    ref = sm["plain" if noise_path == "plain" else "other"]  # noise: the same recipe with two seeds
     diff_noise = statistics.fmean(abs(a - b) for a, b in zip(ref[half:], sm["seed2"][half:]))
     return dict(
         device=device.type, size=size, params=n_params(ConditionalINN(**spec)), steps=steps, batch=batch, lr=lr,
-        fast_path=fast_path, window=window,
+        path=path, window=window,
         first=sm["plain"][0], final={k: v[-1] for k, v in sm.items()},
-        diff_fast=diff_fast, diff_noise=diff_noise, passed=diff_fast <= diff_noise, noise_path=noise_path,
+        diff=diff, diff_noise=diff_noise, passed=diff <= diff_noise, noise_path=noise_path,
         curve_points={k: [round(x, 3) for x in v[:: max(1, len(v) // 8)]] for k, v in sm.items()},
         seconds=time.perf_counter() - t0,
     )
@@ -493,52 +386,44 @@ def tables(results: dict) -> str:
     out = []
     if results.get("demo"):
         out += ["### Demo sampling latency (16 samples of one representation)", "",
-                "| device | model | params | path | wall ms | speed-up (wall) | CPU-time ms | speed-up (CPU time) "
-                "| rel. error vs plain | ops/call | repeats |",
-                "|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| device | model | params | path | dtype | wall ms (median) | IQR ms | speed-up vs first path "
+                "| CPU-time ms | first call s | rel. error vs plain | repeats |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in results["demo"]:
-            out.append(f"| {r['device']} | {r['size']} | {r['params'] / 1e6:.1f} M | {r['path']} | {_f(r['ms'])} | "
-                       f"{_f(r['speedup'])}x | {_f(r['cpu_ms'])} | {_f(r['cpu_speedup'])}x | {_f(r['rel_err'], 6)} | "
-                       f"{r.get('ops', '-')} | {r['repeats']} |")
-        out += ["", "Medians over the repeats. CPU time: this process's CPU seconds per call (the fair comparison "
-                    "when other jobs share the cores; on an idle machine the wall clock is the latency). ops/call: "
-                    "aten ops dispatched by one call, views included.", ""]
+            out.append(f"| {r['device']} | {r['size']} | {r['params'] / 1e6:.1f} M | {r['path']} | {r['dtype']} | "
+                       f"{_f(r['ms'])} | {_f(r['iqr_ms'][0])}-{_f(r['iqr_ms'][1])} | {_f(r['speedup'])}x | "
+                       f"{_f(r['cpu_ms'])} | {_f(r['first_s'], 1)} | {_f(r['rel_err'], 6)} | {r['repeats']} |")
+        out += ["", "Medians over the interleaved repeats. CPU time: this process's CPU seconds per call. First call: "
+                    "for 'compiled' the compile time.", ""]
     if results.get("train"):
         out += ["### Training step, paper size (ms per step; TFLOP/s from the counted matmul FLOPs)", "",
-                "| device | batch | path | dtype | ms/step | steps/s | TFLOP/s | % bf16 peak | speed-up (wall) "
-                "| CPU-time ms | speed-up (CPU time) | ops/step | repeats |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                "| device | batch | path | dtype | ms/step | steps/s | TFLOP/s | % bf16 peak | speed-up vs first path "
+                "| CPU-time ms | first call s | repeats |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in results["train"]:
-            if "error" in r:
-                out.append(f"| {r['device']} | {r['batch']} | {r['path']} | - | {r['error']} | | | | | | | | |")
-                continue
             out.append(f"| {r['device']} | {r['batch']} | {r['path']} | {r['dtype']} | {_f(r['ms'])} | "
                        f"{_f(r['steps_per_s'], 3)} | {_f(r['tflops'], 3)} | {_f(r['peak_pct'], 1)} | "
-                       f"{_f(r['speedup'])}x | {_f(r['cpu_ms'])} | {_f(r['cpu_speedup'])}x | {r['ops']} | "
-                       f"{r['repeats']} |")
-        out += ["", "ops/step: kernel-launching aten ops of one training step (forward, backward, optimizer), "
-                    "counted eagerly on a model of the same structure; a proxy for kernel launches.", ""]
+                       f"{_f(r['speedup'])}x | {_f(r['cpu_ms'])} | {_f(r['first_s'], 1)} | {r['repeats']} |")
+        out.append("")
     if results.get("sample"):
         out += ["### Sampling throughput, paper size (one sample per representation, embedder included)", "",
-                "| device | batch | path | dtype | ms/call | samples/s | speed-up (wall) | CPU-time ms "
-                "| speed-up (CPU time) | repeats |", "|---|---|---|---|---|---|---|---|---|---|"]
+                "| device | batch | path | dtype | ms/call | samples/s | speed-up vs first path | CPU-time ms "
+                "| first call s | repeats |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in results["sample"]:
             out.append(f"| {r['device']} | {r['batch']} | {r['path']} | {r['dtype']} | {_f(r['ms'])} | "
                        f"{_f(r['samples_per_s'], 1)} | {_f(r['speedup'])}x | {_f(r['cpu_ms'])} | "
-                       f"{_f(r['cpu_speedup'])}x | {r['repeats']} |")
+                       f"{_f(r['first_s'], 1)} | {r['repeats']} |")
         out.append("")
     for p in results.get("parity", []):
         out += [f"### NLL parity ({p['device']}, model '{p['size']}' {p['params'] / 1e6:.2f} M params, "
-                f"{p['steps']} steps, "
-                f"batch {p['batch']}, lr {p['lr']}, window {p['window']} steps)", "",
+                f"{p['steps']} steps, batch {p['batch']}, lr {p['lr']}, window {p['window']} steps)", "",
                 "| run | NLL first window | NLL last window | curve (every 1/8) |", "|---|---|---|---|"]
-        for k in ("plain", "fast", "seed2"):
-            name = {"plain": "plain, seed 1", "fast": f"{p['fast_path']}, seed 1",
-                    "seed2": f"{p['noise_path']}, seed 2"}[k]
+        for k in ("plain", "other", "seed2"):
+            name = {"plain": "plain, seed 1", "other": f"{p['path']}, seed 1", "seed2": f"{p['noise_path']}, seed 2"}[k]
             out.append(f"| {name} | {_f(p['curve_points'][k][0], 3)} | {_f(p['final'][k], 3)} | "
                        f"{' '.join(str(x) for x in p['curve_points'][k])} |")
         verdict = "PASS" if p["passed"] else "FAIL"
-        out += ["", f"Second half, mean |windowed NLL difference|: plain vs {p['fast_path']} {p['diff_fast']:.4f}, "
+        out += ["", f"Second half, mean |windowed NLL difference|: plain vs {p['path']} {p['diff']:.4f}, "
                     f"{p['noise_path']} seed 1 vs seed 2 (run-to-run noise) {p['diff_noise']:.4f} -> **{verdict}** "
                     f"({p['seconds']:.0f} s)", ""]
     for dev in results.get("skipped", []):
@@ -576,19 +461,16 @@ def parse_args(argv=None):
                    help="timed repeats (default: cpu 21 demo / 2 train+sample, cuda 50)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default: cpu 3 demo / 1, cuda 5)")
     p.add_argument("--demo-sizes", default="mnist-flat,mnist-spatial,paper")
-    p.add_argument("--paths", default="plain,fast,fast-bf16", help=f"train/sample paths, from {list(PATHS)}")
-    p.add_argument("--big-batch", type=int, default=32768, help="CUDA only: one more fast bf16 training batch (0: off)")
+    p.add_argument("--paths", default="plain,compiled,bf16", help=f"comma list from {list(PATHS)}")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 matrix peak of the card (default: by name)")
     p.add_argument("--parity-steps", type=int, default=None, help="default: cpu 300, cuda 2000")
     p.add_argument("--parity-size", default=None, choices=list(SIZES), help="default: cpu small, cuda paper")
     p.add_argument("--parity-batch", type=int, default=None, help="default: cpu 64, cuda 16")
     p.add_argument("--parity-lr", type=float, default=None, help="default: paper 7.2e-5, else 5e-4")
     p.add_argument("--parity-window", type=int, default=None, help="steps per smoothing window (default steps // 20)")
-    p.add_argument("--parity-path", default=None, choices=["fast", "fast-bf16"],
-                   help="fast path compared with plain (default: cpu fast, cuda fast-bf16)")
+    p.add_argument("--parity-path", default="bf16", choices=["compiled", "bf16"], help="path compared with plain")
     p.add_argument("--parity-noise-path", default=None, choices=list(PATHS),
-                   help="path of the second-seed run that measures run-to-run noise (default: cpu plain, "
-                        "cuda the --parity-path)")
+                   help="path of the second-seed run that measures run-to-run noise (default: plain)")
     p.add_argument("--markdown", default=None, help="write the tables (with card, date, command) to this file")
     p.add_argument("--json", default=None, help="write the raw results to this file")
     return p.parse_args(argv)
@@ -654,20 +536,20 @@ def main(argv=None) -> dict:
                 continue
             try:
                 if section == "demo":
-                    rows = bench_demo(device, reps or 21, warm if warm is not None else 3, demo_sizes)
+                    rows = bench_demo(device, reps or 21, warm if warm is not None else 3, demo_sizes, paths)
                 elif section == "train":
                     rows = bench_train(device, batches, paths, reps or 2, warm if warm is not None else 1,
-                                       args.big_batch or None, bf16_peak(device, args.peak_tflops))
+                                       bf16_peak(device, args.peak_tflops))
                 elif section == "sample":
                     rows = bench_sample(device, batches, paths, reps or 2, warm if warm is not None else 1)
                 else:
                     size = args.parity_size or ("paper" if cuda else "small")
-                    parity_path = args.parity_path or ("fast-bf16" if cuda else "fast")
+                    parity_path = args.parity_path
                     steps = args.parity_steps or (2000 if cuda else 300)
                     rows = [bench_parity(device, size, steps, args.parity_batch or (16 if cuda else 64),
                                          args.parity_lr or (PAPER_LR if size == "paper" else 5e-4), parity_path,
                                          args.parity_window or max(1, steps // 20),
-                                         args.parity_noise_path or (parity_path if cuda else "plain"))]
+                                         args.parity_noise_path or "plain")]
             except Exception as e:  # report it and go on with the next section (device time is scarce)
                 if not cuda:
                     raise

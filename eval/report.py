@@ -312,7 +312,7 @@ class Evaluator:
                 v = pipe.invariances(xb, layer)  # the original image's invariances
                 clean_var[layer].append(pipe.variance_explained(xb, layer, n=args.var_samples, seed=vseed).cpu())
                 for kind, xp, pp in (("attack", xa, p_att), ("noise", xn, p_noise)):
-                    dec = pipe.decode(t.inverse(v, pipe.backbone.representation(xp, layer)))
+                    dec = pipe.decode(t.inverse(v, pipe.backbone.representation(xp, layer))[0])
                     pd = pipe.backbone(dec).argmax(1)
                     per[layer][kind]["follow"].append((pd == pp).float().cpu())
                     per[layer][kind]["keep"].append((pd == p_clean).float().cpu())

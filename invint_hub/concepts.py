@@ -453,7 +453,7 @@ def transfer_latents(pipe, target, source, concept: ConceptLike, amount: float =
     """z_bar of the target with concept(s) taken from the source: e^-1(e(t) with e_c <- e_c(t) + amount (e_c(s) - e_c(t)))."""
     e = _model(pipe)
     zt, zs = _pair_up(pipe.encode(target), pipe.encode(source))
-    return e.inverse(transfer_codes(e, e(zt)[0], e(zs)[0], concept, amount))
+    return e.inverse(transfer_codes(e, e(zt)[0], e(zs)[0], concept, amount))[0]
 
 
 def transfer_codes(e: FactorINN, ct: torch.Tensor, cs: torch.Tensor, concept: ConceptLike, amount: float = 1.0) -> torch.Tensor:
@@ -503,7 +503,7 @@ def edit(pipe, images, concept: str | int, amount: float, direction: torch.Tenso
         d = torch.zeros(e.dim)
         d[sl] = direction / direction.norm()
     code = e(pipe.encode(images))[0]
-    return pipe.decode(e.inverse(code + float(amount) * d.to(code)))
+    return pipe.decode(e.inverse(code + float(amount) * d.to(code))[0])
 
 
 @torch.no_grad()
@@ -519,7 +519,7 @@ def edit_many(pipe, images, amounts: Mapping[str | int, float], seed: int = 0) -
             raise ValueError(f"amount of {concept!r} must be a finite number, got {amount}")
         shift += float(amount) * concept_direction(e, concept, seed)
     code = e(pipe.encode(images))[0]
-    return pipe.decode(e.inverse(code + shift.to(code)))
+    return pipe.decode(e.inverse(code + shift.to(code))[0])
 
 
 @torch.no_grad()
@@ -577,13 +577,13 @@ def network_response(pipe, images, concept: str | int, n: int = 64, seed: int = 
         raise ValueError(f"need n >= 2 samples, got {n}")
     x = pipe.preprocess(images)
     code = e(pipe.encode(x))[0]
-    base = pipe.backbone(pipe.decode(e.inverse(code))).argmax(1)
+    base = pipe.backbone(pipe.decode(e.inverse(code)[0])).argmax(1)
     mask = e.factor_mask(concept).to(code.device)
     g = torch.Generator().manual_seed(int(seed))
     codes = code.repeat_interleave(n, 0)
     noise = torch.randn(codes.shape, generator=g).to(codes)
     codes = torch.where(mask[None], noise, codes)
-    preds = torch.cat([pipe.backbone(pipe.decode(e.inverse(c))).argmax(1) for c in codes.split(512)]).view(x.shape[0], n)
+    preds = torch.cat([pipe.backbone(pipe.decode(e.inverse(c)[0])).argmax(1) for c in codes.split(512)]).view(x.shape[0], n)
     return {"std": preds.float().std(1, unbiased=False), "changed": (preds != base[:, None]).float().mean(1), "predictions": preds}
 
 

@@ -126,16 +126,6 @@ class InvariancePipeline:
         (directory / PIPELINE_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
         return directory
 
-    def fast(self, enabled: bool = True) -> "InvariancePipeline":
-        """Run every cINN (and e) on the fast path: same weights and math, fewer and larger ops, each
-        representation embedded once per ``n`` samples (about 2.5x faster sampling on a CPU; see
-        ``eval/results/bench_cinn.md``). A runtime switch, never saved."""
-        for t in self.cinns.values():
-            t.fast(enabled)
-        if self.concepts is not None:
-            self.concepts.fast(enabled)
-        return self
-
     def to(self, device: str | torch.device) -> "InvariancePipeline":
         self.backbone.to(device)
         self.autoencoder.to(device)
@@ -254,7 +244,7 @@ class InvariancePipeline:
                 raise ValueError(f"cannot mix batches of {xa.shape[0]} and {xb.shape[0]} images")
         t = self._cinn(layer)
         v_b = t(self.autoencoder.encode(xb).mode(), self.backbone.representation(xb, layer))[0]
-        return self.decode(t.inverse(v_b, self.backbone.representation(xa, layer)))
+        return self.decode(t.inverse(v_b, self.backbone.representation(xa, layer))[0])
 
     @torch.no_grad()
     def variance_explained(

@@ -272,7 +272,6 @@ class ModelRegistry:
         per_model_limit: requests one pipeline computes at the same time.
         examples_per_model: example images written at load time.
         example_dir: where they go (default: a fresh temporary folder).
-        fast: run the cINNs on the fast path (``InvariancePipeline.fast``; same results, faster sampling).
     """
 
     def __init__(
@@ -282,7 +281,6 @@ class ModelRegistry:
         per_model_limit: int = 2,
         examples_per_model: int = 10,
         example_dir: str | Path | None = None,
-        fast: bool = True,
     ):
         names = list(embedded_pipelines()) if include_embedded else []
         for n in extra:
@@ -296,7 +294,6 @@ class ModelRegistry:
         self.names = names
         self.per_model_limit = per_model_limit
         self.examples_per_model = examples_per_model
-        self.fast = fast
         self.example_dir = Path(example_dir) if example_dir else Path(tempfile.mkdtemp(prefix="invint_space_"))
         self._entries = {n: ModelEntry(n, source_label(n)) for n in names}
         self._locks = {n: threading.Lock() for n in names}
@@ -319,7 +316,7 @@ class ModelRegistry:
         with self._locks[name]:
             if entry.pipe is None:
                 try:
-                    pipe = InvariancePipeline.from_pretrained(resolve_pipeline_dir(name)).fast(self.fast)
+                    pipe = InvariancePipeline.from_pretrained(resolve_pipeline_dir(name))
                 except Exception as e:  # offline Hub, bad folder, corrupt weights: one line for the UI
                     entry.error = one_line(e)
                     raise ValueError(f"could not load model {name!r}: {entry.error}") from None
@@ -548,7 +545,7 @@ def mix(pipe: InvariancePipeline, xa: torch.Tensor, xb: torch.Tensor) -> Mix:
     swapped = []
     for l in layers:
         v = pipe.cinns[l](zbar, feats[l])[0]
-        swapped.append(pipe.cinns[l].inverse(v.flip(0), feats[l]))  # row 0: z_A with v_B; row 1: z_B with v_A
+        swapped.append(pipe.cinns[l].inverse(v.flip(0), feats[l])[0])  # row 0: z_A with v_B; row 1: z_B with v_A
     dec = pipe.decode(torch.cat([zbar] + swapped))
     preds = pipe.backbone(dec[2:]).argmax(1).tolist()
     out = Mix(x, dec[:2], feats[logits_layer].argmax(1), {}, {}, {}, {})
@@ -587,7 +584,7 @@ def adversarial(pipe: InvariancePipeline, x: torch.Tensor, eps: float = 0.1, see
     seen = []
     for l in layers:
         v_orig = pipe.cinns[l](zbar[:1], feats[l][:1])[0]
-        seen.append(pipe.cinns[l].inverse(v_orig.expand(3, -1), feats[l]))
+        seen.append(pipe.cinns[l].inverse(v_orig.expand(3, -1), feats[l])[0])
     dec = pipe.decode(torch.cat([zbar] + seen))
     preds = pipe.backbone(dec).argmax(1).tolist()
     out = Attack(eps, xs, feats[logits_layer].softmax(1), dec[:3], preds[:3], {}, {})
@@ -635,7 +632,7 @@ def concept_transfer(pipe: InvariancePipeline, target: torch.Tensor, source: tor
     x = torch.cat([target, source])
     code = e(pipe.encode(x))[0]  # encoded once; per column: target with the source's concept, then the reverse
     codes = torch.cat([_concepts.transfer_codes(e, code, code.flip(0), c, amount) for c in columns])
-    dec = pipe.decode(e.inverse(codes))
+    dec = pipe.decode(e.inverse(codes)[0])
     preds = pipe.backbone(torch.cat([x, dec])).argmax(1).tolist()
     k = len(columns)
     rows = dec.view(k, 2, *dec.shape[1:]).transpose(0, 1)
@@ -680,7 +677,7 @@ def concept_edit(pipe: InvariancePipeline, x: torch.Tensor, amounts: dict[str, f
     dirs = torch.stack([_concepts.concept_direction(e, c, seed) for c in names]).to(code)  # (K, dim)
     shift = sum((amounts.get(c, 0.0) * d for c, d in zip(names, dirs)), torch.zeros_like(code[0]))
     walk = code + torch.tensor(steps).to(code)[None, :, None] * dirs[:, None, :]  # (K, n_steps, dim)
-    dec = pipe.decode(e.inverse(torch.cat([code, code + shift, walk.flatten(0, 1)])))
+    dec = pipe.decode(e.inverse(torch.cat([code, code + shift, walk.flatten(0, 1)]))[0])
     preds = pipe.backbone(torch.cat([x, dec])).argmax(1).tolist()
     walks = dec[2:].view(len(names), len(steps), *dec.shape[1:])
     walk_pred = [preds[3 + i * len(steps) : 3 + (i + 1) * len(steps)] for i in range(len(names))]

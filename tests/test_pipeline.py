@@ -67,7 +67,7 @@ def test_invariances_round_trip_is_the_reconstruction(pipe, digits):
     for layer in ("conv1", "logits"):
         v = pipe.invariances(x, layer)
         z = pipe.representation(x, layer)
-        zbar = pipe.cinns[layer].inverse(v, z)
+        zbar = pipe.cinns[layer].inverse(v, z)[0]
         assert (zbar - pipe.encode(x)).abs().max() < 1e-3
     assert pipe.reconstruct(x).shape == x.shape
 
@@ -121,20 +121,3 @@ def test_embedded_weights_fit_the_budget():
 
     total = sum(f.stat().st_size for f in PRETRAINED_DIR.rglob("*.safetensors"))
     assert total <= 25_000_000, f"embedded weights are {total / 1e6:.2f} MB; the budget is 25 MB"
-
-
-def test_fast_path_gives_the_same_samples_on_every_embedded_pipeline(digits):
-    """pipe.fast(): same weights, same math -> the same seeded samples (to float rounding), for both embedded pipelines."""
-    for name in embedded_pipelines():
-        plain = InvariancePipeline.from_pretrained(name)
-        fast = InvariancePipeline.from_pretrained(name).fast()
-        x = digits[0][:3]
-        if plain.channels == 3:
-            x = x.repeat(1, 3, 1, 1)
-        for layer in plain.layers:
-            a = plain.sample_latents(x, layer, n=5, seed=7)
-            b = fast.sample_latents(x, layer, n=5, seed=7)
-            assert torch.allclose(a, b, atol=1e-4, rtol=1e-4), (name, layer, (a - b).abs().max())
-        if plain.concepts is not None:
-            assert torch.allclose(plain.transfer(x[:1], x[1:2], "fg"), fast.transfer(x[:1], x[1:2], "fg"), atol=1e-4)
-        assert fast.fast(False).cinns[plain.layers[0]].flow.fast_path is False
