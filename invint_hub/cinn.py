@@ -25,7 +25,7 @@ class ConditionalINN(nn.Module, HubMixin, **HUB_KWARGS):
 
     Args:
         latent_dim: size of the autoencoder latent z_bar (paper: 128).
-        cond_shape: shape of the representation z without batch: ``[C]`` or ``[C, H, W]``.
+        cond_shape: shape of the representation z without batch: ``[C]``, tokens ``[N, C]`` or ``[C, H, W]``.
         embed_dim: size of the conditioning embedding fed to every coupling (paper: 128).
         n_flows: number of ActNorm/coupling/shuffle blocks (paper: 20).
         hidden: width of the coupling subnets s and t (paper: 1024).
@@ -72,7 +72,7 @@ class ConditionalINN(nn.Module, HubMixin, **HUB_KWARGS):
 
     def embed(self, z: torch.Tensor) -> torch.Tensor:
         """Representations (B, *cond_shape) (or flattened) -> conditioning vectors (B, embed_dim)."""
-        if z.dim() == 2 and len(self.cond_shape) == 3:
+        if z.dim() == 2 and len(self.cond_shape) > 1:
             z = z.view(z.shape[0], *self.cond_shape)
         return self.embedder(z)
 

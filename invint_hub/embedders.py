@@ -1,7 +1,7 @@
 """Conditioning embedders of the cINN: a representation z = Phi(x) -> the vector fed to every coupling.
 
-Flat features (B, C) (or 1x1 maps) take a dense embedder, square maps (B, C, H, W) a strided-conv
-one; ``make_embedder`` picks by shape. Both are trained jointly with the flow.
+Flat features (B, C) (or 1x1 maps) take a dense embedder, tokens (B, N, C) a per-token projection
+before a dense one, square maps (B, C, H, W) a strided-conv one; ``make_embedder`` picks by shape. Both are trained jointly with the flow.
 """
 from __future__ import annotations
 
@@ -63,12 +63,28 @@ class ConvEmbedder(nn.Module):
         return h.flatten(1)
 
 
+class TokenEmbedder(nn.Module):
+    """Tokens (B, N, C) (a ViT's blocks) -> (B, out_dim): each token projected to ``token_dim`` channels
+    (Linear, LeakyReLU; shared across tokens), then the N * token_dim features, in token order (so where a
+    token sits is kept), through a dense embedder."""
+
+    def __init__(self, n_tokens: int, channels: int, out_dim: int, depth: int = 3, token_dim: int = 8):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(channels, token_dim), nn.LeakyReLU(0.2))
+        self.dense = DenseEmbedder(n_tokens * token_dim, out_dim, depth)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.dense(self.proj(z).flatten(1))
+
+
 def make_embedder(cond_shape, out_dim: int, depth: int = 3, n_down: int | None = None, width: int = 64) -> nn.Module:
-    """The embedder for a representation of shape ``[C]`` or ``[C, H, W]``: dense for flat (or 1x1) features,
-    strided convs for square maps. Raises ``ValueError`` for other shapes."""
+    """The embedder for a representation of shape ``[C]``, tokens ``[N, C]`` or ``[C, H, W]``: dense for flat (or
+    1x1) features, a per-token projection for tokens, strided convs for square maps. ``ValueError`` otherwise."""
     cond_shape = tuple(int(c) for c in cond_shape)
-    if len(cond_shape) not in (1, 3):
-        raise ValueError(f"cond_shape must be [C] or [C, H, W], got {list(cond_shape)}")
+    if len(cond_shape) not in (1, 2, 3):
+        raise ValueError(f"cond_shape must be [C], [N, C] (tokens) or [C, H, W], got {list(cond_shape)}")
+    if len(cond_shape) == 2:
+        return TokenEmbedder(cond_shape[0], cond_shape[1], out_dim, depth)
     if len(cond_shape) == 1 or cond_shape[1] * cond_shape[2] == 1:
         return DenseEmbedder(math.prod(cond_shape), out_dim, depth)
     if cond_shape[1] != cond_shape[2]:

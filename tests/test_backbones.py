@@ -261,3 +261,44 @@ def test_published_weights_are_fetched_again_not_copied(offline):
     (folder / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=path.name):
         Backbone.from_pretrained(folder)
+
+
+# --- a cINN on every representation kind -----------------------------------------------------------------
+def test_cinn_on_each_representation_kind_is_invertible_trains_and_reloads(family, tmp_path):
+    from invint_hub import ConditionalINN
+
+    name, b = family
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    kinds = {}
+    for layer in b.layers:  # the first layer of each kind: flat (C), tokens (N, C), spatial (C, H, W)
+        kinds.setdefault(len(b.feature_shapes[layer]), layer)
+    assert 1 in kinds
+    for rank, layer in sorted(kinds.items()):
+        torch.manual_seed(0)
+        t = ConditionalINN(latent_dim=8, cond_shape=list(b.feature_shapes[layer]), embed_dim=8, n_flows=2, hidden=16,
+                           depth=1, embedder_depth=2, embedder_width=4, layer=layer)
+        with torch.no_grad():
+            z = b.representation(x, layer)
+        zbar = torch.randn(4, 8)
+        t.train()
+        opt = torch.optim.Adam(t.parameters(), lr=1e-3)
+        losses = []
+        for _ in range(2):  # two training steps
+            loss = t.nll(zbar, z).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert all(torch.isfinite(torch.tensor(losses))), (layer, losses)
+        t.eval()
+        with torch.no_grad():  # invertibility of the math in float64 (fp32 rounding grows with the condition's scale)
+            t64 = __import__("copy").deepcopy(t).double()
+            v, logdet = t64(zbar.double(), z.double())
+            back, logdet_inv = t64.inverse(v, z.double())
+            assert (back - zbar.double()).abs().max() < 1e-4, (name, layer)
+            assert torch.allclose(logdet, -logdet_inv, atol=1e-4)
+            v = t(zbar, z)[0]
+        t.save_pretrained(tmp_path / layer)
+        loaded = ConditionalINN.from_pretrained(tmp_path / layer)
+        with torch.no_grad():
+            assert torch.equal(loaded(zbar, z)[0], v), (name, layer)
