@@ -28,9 +28,11 @@ def test_all_stages_produce_a_loadable_pipeline(trained):
         card = (trained / sub / "README.md").read_text()
         assert "-m invint_hub.train" in card and "Metrics" in card
     assert "| conv1 |" in (trained / "README.md").read_text()
-    logs = [json.loads(line) for line in (trained / "logs" / "cinn_conv1.jsonl").read_text().splitlines()]
+    # the two layers share their training settings: trained together, one backbone pass per batch
+    logs = [json.loads(line) for line in (trained / "logs" / "cinn_conv1+logits.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs if r["split"] == "train"] == [1, 2]
-    assert all("bpd" in r for r in logs)
+    assert all("bpd_conv1" in r and "bpd_logits" in r for r in logs)
+    assert "trained together with logits" in (trained / "cinn" / "conv1" / "README.md").read_text()
     assert float(pipe.autoencoder.latent_var) > 0
 
 
@@ -122,7 +124,7 @@ def test_another_mixed_precision_in_the_same_process_is_a_clear_error(trained, t
 def test_checkpoints_hold_the_step_and_their_files_hashes_as_json(trained):
     from invint_hub.train.common import check_checkpoint
 
-    ckpt = trained / "checkpoints" / "cinn_logits" / "step_2"
+    ckpt = trained / "checkpoints" / "cinn_conv1+logits" / "step_2"
     marker = json.loads((ckpt / "train_state.json").read_text())
     assert marker["step"] == 2 and "model.safetensors" in marker["files"] and len(marker["files"]["model.safetensors"]) == 64
     assert check_checkpoint(ckpt) is None
@@ -179,3 +181,54 @@ def test_resume_skips_a_checkpoint_without_its_marker_and_says_why(trained, tiny
     out = capsys.readouterr().out
     assert f"skipping checkpoint {old}: no train_state.json" in out and "starting from scratch" in out
     assert (tmp_path / "cinn" / "conv1" / "model.safetensors").is_file()
+
+
+def test_layers_trained_together_equal_layers_trained_alone(trained, tiny_config, tmp_path):
+    """One backbone pass per batch for several layers: each layer's cINN starts as it would alone and sees the
+    same batches; only the posterior noise is shared, so the joint NLLs stay close to the separate ones."""
+    import shutil
+
+    for d in ("backbone", "autoencoder"):
+        shutil.copytree(trained / d, tmp_path / "joint" / d)
+        shutil.copytree(trained / d, tmp_path / "alone" / d)
+    common = ["cinn", "--config", str(tiny_config), "--quiet", "--steps", "1"]
+    joint = main(common + ["--output-dir", str(tmp_path / "joint"), "--layer", "conv1,logits"])
+    alone = main(common + ["--output-dir", str(tmp_path / "alone"), "--layer", "conv1"])
+    assert set(joint) == {"conv1", "logits"} and abs(joint["conv1"]["bpd"] - alone["conv1"]["bpd"]) < 0.05
+    # before any step (ActNorm initialised on the same batch) the joint models equal the lone ones exactly
+    zero = ["cinn", "--config", str(tiny_config), "--quiet", "--steps", "0"]
+    main(zero + ["--output-dir", str(tmp_path / "joint"), "--layer", "conv1,logits"])
+    for layer in ("conv1", "logits"):
+        main(zero + ["--output-dir", str(tmp_path / "alone"), "--layer", layer])
+        a = ConditionalINN.from_pretrained(tmp_path / "joint" / "cinn" / layer).state_dict()
+        b = ConditionalINN.from_pretrained(tmp_path / "alone" / "cinn" / layer).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), layer
+
+
+def test_cached_features_train_the_same_models(trained, tiny_config, tmp_path):
+    """cinn.cache_features: the frozen networks run once over the training split; steps read the cache."""
+    import shutil
+
+    import yaml
+
+    cfg = yaml.safe_load(tiny_config.read_text())
+    cfg["cinn"].update(cache_features=True, cache_dtype="float32")
+    path = tmp_path / "cached.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    for d in ("backbone", "autoencoder"):
+        shutil.copytree(trained / d, tmp_path / "cached" / d)
+        shutil.copytree(trained / d, tmp_path / "direct" / d)
+    common = ["cinn", "--quiet", "--layer", "conv1,logits"]
+    cached = main(common + ["--config", str(path), "--output-dir", str(tmp_path / "cached")])
+    direct = main(common + ["--config", str(tiny_config), "--output-dir", str(tmp_path / "direct")])
+    files = list((tmp_path / "cached" / "cache").glob("features_*.float32"))
+    assert len(files) == 1
+    for layer in ("conv1", "logits"):  # same batches, same noise: equal up to float rounding of batched passes
+        a = ConditionalINN.from_pretrained(tmp_path / "cached" / "cinn" / layer)
+        b = ConditionalINN.from_pretrained(tmp_path / "direct" / "cinn" / layer)
+        for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.allclose(va, vb, atol=1e-4), (layer, k)
+        assert abs(cached[layer]["bpd"] - direct[layer]["bpd"]) < 1e-3
+    mtime = files[0].stat().st_mtime
+    main(common + ["--config", str(path), "--output-dir", str(tmp_path / "cached")])  # reused, not rebuilt
+    assert files[0].stat().st_mtime == mtime

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..backbones import Backbone
 from .autoencoder import train_autoencoder
-from .cinn import train_cinn
+from .cinn import train_cinns
 from .classifier import train_classifier
 from .common import push, write_pipeline_card
 from .concepts import train_concepts
@@ -113,8 +113,7 @@ def main(argv=None):
             layers = ",".join(Backbone.from_pretrained(out / "backbone").layers)
         if not layers:
             raise SystemExit("no layers: pass --layer or list cinn.layers in the config")
-        for layer in layers.split(","):
-            results[layer] = train_cinn(acc, cfg, args, out, layer.strip())
+        results.update(train_cinns(acc, cfg, args, out, [layer.strip() for layer in layers.split(",")]))
         if acc.is_main_process and all(r is not None for r in results.values()):
             write_pipeline_card(out, cfg)
     acc.wait_for_everyone()

@@ -25,6 +25,8 @@ DATA = dict(train_split="train", test_split="test", seed=0, num_classes=10)
 # source torchvision: weights DEFAULT, a weights name (IMAGENET1K_V1) or a file; source timm: weights true or a file.
 # layers: null = the backbone's default layers; input_size: null = the weights' own.
 PRETRAINED = dict(source="torchvision", weights="DEFAULT", layers=None, input_size=None)
+# ``cinn``: cache the frozen networks' outputs for the training split on disk (small data sets, large backbones)
+CINN_CACHE = dict(cache_features=False, cache_dtype="float16", cache_max_gb=8.0)
 # ``autoencoder.loss``
 AUTOENCODER_LOSS = dict(
     perceptual="backbone", perceptual_weight=1.0, perceptual_layers=None, lpips_weights=None,
@@ -90,9 +92,12 @@ LOSS_RULES = dict(
 )
 CONCEPT_RULES = dict(pairs=(("colormnist", "labels", "attributes"), None), factors=(list, None), attributes=(dict, None),
                      factor_sizes=(None, None), rho=(float, lambda v: 0 <= v < 1), estimate_pairs=(int, _positive))
+CINN_CACHE_RULES = dict(cache_features=(bool, None), cache_dtype=(("float16", "float32"), None),
+                        cache_max_gb=(float, _positive))
 SECTIONS = {  # section -> allowed keys (model sections are checked against the model class)
     "data": set(DATA_RULES), "classifier": {"model", "train", "pretrained"},
-    "autoencoder": {"model", "loss", "train"}, "cinn": {"layers", "model", "layer_overrides", "train", "train_overrides"},
+    "autoencoder": {"model", "loss", "train"},
+    "cinn": {"layers", "model", "layer_overrides", "train", "train_overrides", "cache_features", "cache_dtype", "cache_max_gb"},
     "concepts": {"model", "train"} | set(CONCEPT_RULES),
 }
 
@@ -182,6 +187,7 @@ def validate_config(cfg, path: str | Path) -> None:
         _check_model(override, ConditionalINN, f"cinn.layer_overrides.{layer}", where)
     for layer, override in (cinn.get("train_overrides") or {}).items():
         _check_section(override, TRAIN_RULES, f"cinn.train_overrides.{layer}", where)
+    _check_section({k: v for k, v in cinn.items() if k in CINN_CACHE_RULES}, CINN_CACHE_RULES, "cinn", where)
     if cinn.get("layers") is not None and not isinstance(cinn["layers"], list):
         raise ValueError(f"{where}: cinn.layers must be a list of layer names, got {cinn['layers']!r}")
 
@@ -260,6 +266,12 @@ def cinn_layers(cfg: dict) -> list[str]:
     return list(section(cfg, "cinn").get("layers") or [])
 
 
+def cinn_cache_settings(cfg: dict) -> dict:
+    """``cinn.cache_features`` / ``cache_dtype`` / ``cache_max_gb`` over ``CINN_CACHE``."""
+    s = section(cfg, "cinn")
+    return {k: s.get(k, v) for k, v in CINN_CACHE.items()}
+
+
 def autoencoder_loss(cfg: dict) -> dict:
     """``autoencoder.loss`` over ``AUTOENCODER_LOSS``."""
     return {**AUTOENCODER_LOSS, **(section(cfg, "autoencoder").get("loss") or {})}
@@ -301,5 +313,5 @@ def concept_settings(cfg: dict) -> dict:
 __all__ = [
     "SEED", "SAVE_DTYPE", "OUTPUT_ROOT", "TRAIN", "DATA", "PRETRAINED", "AUTOENCODER_LOSS", "CONCEPT_MODEL", "CONCEPTS", "load_config", "data_settings",
     "split_name", "train_settings", "pretrained_settings", "model_settings", "cinn_model_settings", "cinn_layers",
-    "autoencoder_loss", "concept_settings",
+    "autoencoder_loss", "concept_settings", "cinn_cache_settings", "validate_config",
 ]
