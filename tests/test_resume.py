@@ -92,8 +92,11 @@ def test_kill_9_during_training_then_resume(trained, tiny_config, reference, tmp
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     ckpts = out / "checkpoints" / "cinn_conv1"
-    while time.time() < deadline and not (ckpts / "step_3").is_dir() and proc.poll() is None:
-        time.sleep(0.05)
+    def steps_done() -> int:
+        return max([int(p.name[5:]) for p in ckpts.glob("step_*") if p.name[5:].isdigit()], default=0)
+
+    while time.time() < deadline and steps_done() < 3 and proc.poll() is None:
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "training ended before it could be killed"
