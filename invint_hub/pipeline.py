@@ -10,6 +10,12 @@ Repository layout (local folder or Hub repo)::
     concepts/                # optional: the concept INN e (listed as "concepts" in pipeline.json)
 
 ``InvariancePipeline.from_pretrained()`` with no argument loads the embedded MNIST pipeline.
+
+Two kinds of methods: the paper's operations on batches (``sample_invariances``, ``mix``,
+``variance_explained``, ...), which return tensors, and the batched views of one image
+(``interpret``, ``layer_sweep``, ``mix_layers``, ``attack``), which compute everything one request
+of the Space shows in one pass through each network and return small dataclasses of tensors and
+floats. The concept views live next to the concept operations in ``invint_hub.concepts``.
 """
 from __future__ import annotations
 
