@@ -224,6 +224,20 @@ def test_safe_image_preprocess_answers_with_gr_error(bad_image_files, odd_image_
     assert isinstance(img, Image.Image)
 
 
+def test_an_upload_is_decoded_once(space_app, registry, example, monkeypatch):
+    """SafeImage decodes the upload; the handler uses that image instead of reading it again."""
+    from invint_hub.space import inputs
+
+    opened = []
+    real = inputs.open_image
+    monkeypatch.setattr(inputs, "open_image", lambda v: opened.append(v) or real(v))
+    img = app.SafeImage(render=False).preprocess({"path": example, "meta": {"_type": "gradio.FileData"}})
+    assert len(opened) == 1 and isinstance(img, Image.Image)
+    assert len(space_app.interpret(registry.default, "upload", img, None, True, "logits", 2, 1.0, 0)[3]) == 2
+    assert len(space_app.attack(registry.default, img, False, 0.1, 0)) == 8
+    assert len(opened) == 1
+
+
 # ---------------------------------------------------------------------------------------
 # attacks
 # ---------------------------------------------------------------------------------------
