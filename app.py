@@ -25,7 +25,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline by default
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-
 from PIL import Image  # noqa: E402
 
 from invint_hub import concepts, space  # noqa: E402
