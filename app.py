@@ -5,8 +5,10 @@
     INVINT_MODELS="org/repo,./my_pipeline" python app.py
 
 Rombach, Esser, Ommer: Making Sense of CNNs: Interpreting Deep Representations & Their
-Invariances with INNs (ECCV 2020). The UI lives here; the computations are in
-``invint_hub.space`` so the handlers below can be tested without a server.
+Invariances with INNs (ECCV 2020). The UI lives here: the layout, and handlers that format the
+results of the pipeline's batched views (``InvariancePipeline.interpret`` and co., the concept views
+of ``invint_hub.concepts``); input decoding, the model registry and rendering are in
+``invint_hub.space``. The handlers are plain functions, so they can be tested without a server.
 """
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ import logging
 import os
 import random
 import sys
-import time
 from typing import Any, Callable
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline by default: no telemetry calls
@@ -24,8 +25,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline by default
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
-from invint_hub import space  # noqa: E402
+from invint_hub import concepts, space  # noqa: E402
 
 log = logging.getLogger("invint_hub.app")
 
@@ -52,13 +54,15 @@ footer { display: none !important; }
 COMPUTE = dict(concurrency_id="models")  # every model computation goes through one queue group
 EXAMPLE_PAIRS = [(0, 1), (2, 3), (4, 7), (5, 6), (8, 9), (1, 7)]
 MAX_CONCEPT_SLIDERS = 6
+NO_CONCEPTS = "this pipeline has no concept model e; pick one that has (e.g. the embedded colormnist)"
 
 
 def safe_preprocess(payload: Any):
     """Read an uploaded image with invint_hub's checks; bad files become one-line ``gr.Error`` messages.
 
     Non-images, truncated files, decompression bombs (e.g. a 20000x20000 header) and odd
-    modes are handled by ``invint_hub.space.load_image``; the value is a decoded PIL image.
+    modes are handled by ``invint_hub.space.load_image``; the value is a decoded PIL image, which the
+    handlers use as it is (each upload is decoded once).
     """
     if payload is None:
         return None
@@ -92,26 +96,6 @@ def ResultImage(label: str, elem_id: str) -> gr.Image:
     """A rendered result grid, downloadable and zoomable."""
     return gr.Image(label=label, show_label=False, format="png", interactive=False, elem_id=elem_id,
                     buttons=["download", "fullscreen"])
-
-
-def patient_url_ok(url: str, timeout: float = 60.0) -> bool:
-    """Gradio's start-up check that the local server answers, with patience for a busy CPU.
-
-    Gradio gives up after one 3 s timeout and then refuses to start ("When localhost is not
-    accessible..."), which happens on a loaded 2-core machine; this waits up to ``timeout`` s.
-    """
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.head(url, timeout=10, verify=False).status_code in (200, 401, 301, 302, 303, 307, 308):
-                return True
-        except (httpx.ConnectError, httpx.TimeoutException):
-            pass
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.5)
 
 
 def ui_errors(fn: Callable) -> Callable:
@@ -180,18 +164,24 @@ class SpaceApp:
         return samples[int(index)][pair_slot or 0]
 
     # --- input --------------------------------------------------------------------------
+    @staticmethod
+    def _image(value: Any) -> Image.Image:
+        """A SafeImage value is already decoded; other callers (scripts, tests) may pass a path, bytes, ..."""
+        return value if isinstance(value, Image.Image) else space.load_image(value)
+
     def _input(self, entry: space.ModelEntry, source: str, image: Any, sketch: Any, convert: bool):
         pipe = entry.pipe
         assert pipe is not None
         if source == "draw":
             img = space.sketch_to_image(sketch, entry.domain, pipe.channels)
             return pipe.preprocess(img), f"drawing → centred {entry.domain} → {pipe.channels}x{pipe.image_size}px"
-        return space.prepare_input(pipe, image, convert=convert, domain=entry.domain)
+        return space.prepare_input(pipe, self._image(image), convert=convert, domain=entry.domain)
 
     def _two_inputs(self, entry: space.ModelEntry, a: Any, b: Any, convert: bool, missing: str):
         if a is None or b is None:
             raise ValueError(missing)
-        return tuple(space.prepare_input(entry.pipe, v, convert=convert, domain=entry.domain)[0] for v in (a, b))
+        return tuple(space.prepare_input(entry.pipe, self._image(v), convert=convert, domain=entry.domain)[0]
+                     for v in (a, b))
 
     def _label(self, pipe, probs: torch.Tensor) -> dict[str, float]:
         k = min(self.top_k, probs.numel())
@@ -205,7 +195,7 @@ class SpaceApp:
         with self.registry.use(model) as e:
             pipe = e.pipe
             x, note = self._input(e, source, image, sketch, convert)
-            r = space.interpret(pipe, x, layer, int(n), float(temperature), int(seed))
+            r = pipe.interpret(x, layer, *space.check_sampling(n, temperature, seed))
         cls = space.class_name(pipe, int(r.probs.argmax()))
         gallery = [(im, space.class_name(pipe, int(c))) for im, c in zip(space.tensor_images(r.samples, 96), r.sample_pred)]
         summary = (
@@ -221,7 +211,7 @@ class SpaceApp:
         with self.registry.use(model) as e:
             pipe = e.pipe
             x, note = self._input(e, source, image, sketch, convert)
-            s = space.layer_sweep(pipe, x, min(int(n), 16), float(temperature), int(seed))
+            s = pipe.layer_sweep(x, *space.check_sampling(min(int(n), 16), temperature, seed))
         layers = list(s.samples)
         cls = int(s.probs.argmax())
         rows = [[s.x[0], s.recon[0]] + list(s.samples[l]) for l in layers]
@@ -248,7 +238,7 @@ class SpaceApp:
         with self.registry.use(model) as e:
             pipe = e.pipe
             xa, xb = self._two_inputs(e, image_a, image_b, convert, "mixing needs two images: give both A and B")
-            m = space.mix(pipe, xa, xb)
+            m = pipe.mix_layers(xa, xb)
         layers = pipe.layers
         name = functools.partial(space.class_name, pipe)
         pa, pb = int(m.pred[0]), int(m.pred[1])
@@ -270,8 +260,8 @@ class SpaceApp:
         """-> original, FGSM, noise images; their top-k; grid of what each layer sees; summary."""
         with self.registry.use(model) as e:
             pipe = e.pipe
-            x, _ = space.prepare_input(pipe, image, convert=convert, domain=e.domain)
-            a = space.adversarial(pipe, x, float(eps), int(seed))
+            x, _ = space.prepare_input(pipe, self._image(image), convert=convert, domain=e.domain)
+            a = pipe.attack(x, eps, seed)
         layers = pipe.layers
         name = functools.partial(space.class_name, pipe)
         preds = a.probs.argmax(1).tolist()
@@ -333,7 +323,9 @@ class SpaceApp:
             pipe = e.pipe
             xt, xs = self._two_inputs(e, target, source, False,
                                       "concept transfer needs two images: give both the target and the source")
-            t = space.concept_transfer(pipe, xt, xs, float(amount))
+            if pipe.concepts is None:
+                raise ValueError(NO_CONCEPTS)
+            t = concepts.concept_transfer(pipe, xt, xs, float(amount))
         name = functools.partial(space.class_name, pipe)
         rows = [[t.x[0], t.x[1]] + list(t.rows[0]), [t.x[1], t.x[0]] + list(t.rows[1])]
         caps = [[name(t.pred[0]), name(t.pred[1])] + [name(c) for c in t.row_pred[0]],
@@ -351,11 +343,11 @@ class SpaceApp:
         """-> edited image, grid (one row per concept, walking -3..3), summary."""
         with self.registry.use(model) as e:
             pipe = e.pipe
-            x, _ = space.prepare_input(pipe, image, convert=False, domain=e.domain)
+            x, _ = space.prepare_input(pipe, self._image(image), convert=False, domain=e.domain)
             names = self.concept_sliders(model)
             if not names:
                 raise ValueError(self.concept_intro(model).replace("**", ""))
-            r = space.concept_edit(pipe, x, dict(zip(names, amounts)), int(seed))
+            r = concepts.concept_edit(pipe, x, dict(zip(names, amounts)), int(seed))
         name = functools.partial(space.class_name, pipe)
         rows = [list(w) for w in r.walks]
         caps = [[name(c) for c in p] for p in r.walk_pred]
@@ -376,7 +368,7 @@ class SpaceApp:
             pipe = e.pipe
             if pipe.concepts is None:
                 raise ValueError(self.concept_intro(model).replace("**", ""))
-            table = space.concept_layers(pipe)
+            table = concepts.concept_layers(pipe)
         names = pipe.concepts.factor_names
         lines = ["| layer | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
         lines += [f"| `{l}` | " + " | ".join(f"{100 * table[l][c]:.0f}%" for c in names) + " |" for l in pipe.layers]
@@ -390,7 +382,6 @@ def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concur
 
     The default model is loaded (and its examples made) here, so the first request is fast.
     """
-    gr.networking.url_ok = patient_url_ok  # see patient_url_ok
     registry = models if isinstance(models, space.ModelRegistry) else space.ModelRegistry(models or [])
     app = SpaceApp(registry)
     default = registry.default

@@ -77,7 +77,7 @@ class InverseDecoder(nn.Module, HubMixin, **HUB_KWARGS):
     @classmethod
     def for_pipeline(cls, backbone: Backbone, autoencoder: Autoencoder, layer: str, init_from_autoencoder: bool = True, **kwargs):
         """A decoder for ``layer`` with the autoencoder's decoder architecture (and weights, by default)."""
-        backbone._check_layer(layer)
+        backbone.check_layer(layer)
         cfg = dict(getattr(autoencoder, "_hub_mixin_config", {}) or {})
         arch = {k: cfg[k] for k in ("width", "n_down", "max_mult") if k in cfg}
         model = cls(
@@ -106,7 +106,7 @@ def feature_layers_for(backbone: Backbone, layers: list[str] | None = None) -> l
     """The layers of the feature loss: given ones, else the first three spatial layers (as the autoencoder's default)."""
     if layers:
         for layer in layers:
-            backbone._check_layer(layer)
+            backbone.check_layer(layer)
         return list(layers)
     spatial = [name for name in backbone.layers if len(backbone.feature_shapes[name]) == 3]
     return spatial[:3] or [backbone.layers[0]]

@@ -1,16 +1,19 @@
-"""Latency benchmark of the Gradio Space (app.py): handler server time, client round trips,
-start-up time, and an optional concurrency stress run. Prints medians; --json writes them.
+"""Latency benchmark of the Gradio Space: what a user meets, and the computation behind it.
 
     python eval/bench_app.py                               # embedded default pipeline
     python eval/bench_app.py --model path/or/org-repo --runs 20 --client --startup 3 --stress 60
     python eval/bench_app.py --random-from-config configs/mnist.yaml   # same architecture, random weights
 
-Server time = the handler call itself (input decoding, the networks, image composition), as
-Gradio runs it, without transport and PNG encoding. ``--client`` adds the round trip through
-``gradio_client`` (upload, queue, PNG files back). Latency depends on the architecture, not on
+Compute = the pipeline's batched views (``InvariancePipeline.interpret``, ``layer_sweep``, ``mix_layers``,
+``attack``) called in this process on an example image, i.e. the networks of one request without
+input decoding, rendering and transport. ``--client`` starts ``python app.py`` as a subprocess on a
+free loopback port and times requests through ``gradio_client`` (upload, queue, handler, PNG files
+back): the latency a user sees. ``--startup N`` times N cold starts of ``app.py``; ``--stress S`` runs
+concurrent clients against the subprocess for S seconds. Latency depends on the architecture, not on
 the weights, so ``--random-from-config`` measures a pipeline before its training is done.
-CPU time (process time of all threads) is printed next to the wall time: on a shared machine
-the wall time includes waiting for the CPU, the CPU time does not.
+CPU time (process time of all threads of this process) is printed next to the wall time: on a shared
+machine the wall time includes waiting for the CPU, the CPU time does not (for client requests it
+counts only the client's side).
 """
 from __future__ import annotations
 
@@ -25,11 +28,13 @@ import tempfile
 import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+HOST = "127.0.0.1"  # loopback only
 
 
 def random_pipeline(config: str | Path, out: str | Path) -> Path:
@@ -75,9 +80,9 @@ def timed(fn, runs: int, warmup: int = 2, name: str = "", verbose: bool = False)
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
 
 
 def get(url: str, timeout: float = 10) -> float:
@@ -87,26 +92,37 @@ def get(url: str, timeout: float = 10) -> float:
     return time.perf_counter() - t
 
 
-def startup_time(model_args: list[str], timeout: float = 180) -> float:
-    """Seconds from launching ``python app.py`` to the server answering its page."""
+@contextmanager
+def app_server(app_args: list[str], timeout: float = 180):
+    """``python app.py`` on a free loopback port: yields (url, seconds until its page answered); stopped on exit."""
     port = free_port()
+    url = f"http://{HOST}:{port}/"
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), *model_args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        while time.perf_counter() - t0 < timeout:
-            if proc.poll() is not None:
-                raise RuntimeError(f"app.py exited early with code {proc.returncode}")
+    with tempfile.TemporaryFile("w+") as log:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--host", HOST, "--port", str(port), *app_args],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            while True:
+                if proc.poll() is not None:
+                    log.seek(0)
+                    tail = " ".join(log.read()[-400:].split())
+                    raise RuntimeError(f"app.py exited early with code {proc.returncode}: {tail}")
+                try:
+                    get(url, timeout=2)
+                    break
+                except OSError:
+                    if time.perf_counter() - t0 > timeout:
+                        raise RuntimeError(f"app.py not ready after {timeout} s") from None
+                    time.sleep(0.1)
+            yield url, time.perf_counter() - t0
+        finally:
+            proc.terminate()
             try:
-                get(f"http://127.0.0.1:{port}/", timeout=2)
-                return time.perf_counter() - t0
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError(f"app.py not ready after {timeout} s")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def stress(url: str, model: str, example: str, seconds: float, clients: int, layer: str) -> dict:
@@ -162,19 +178,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--layer", default=None, help="layer of the Interpret request (default: the middle one)")
-    ap.add_argument("--client", action="store_true", help="also time round trips through gradio_client")
+    ap.add_argument("--client", action="store_true", help="also time requests to `python app.py` through gradio_client")
     ap.add_argument("--startup", type=int, default=0, metavar="N", help="time N cold starts of app.py")
-    ap.add_argument("--stress", type=float, default=0, metavar="SECONDS", help="8 concurrent clients for SECONDS")
+    ap.add_argument("--stress", type=float, default=0, metavar="SECONDS", help="concurrent clients for SECONDS")
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1, as app.py)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads, here and in app.py (default 1, as app.py)")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--verbose", action="store_true", help="print every run")
     args = ap.parse_args(argv)
 
     import torch
 
-    import app
-    from invint_hub import space
+    from invint_hub import InvariancePipeline, space
     from invint_hub.pipeline import embedded_pipelines
 
     torch.set_num_threads(args.threads)
@@ -184,54 +199,61 @@ def main(argv=None) -> dict:
         model = args.model or "mnist"
         if model not in embedded_pipelines() and not Path(model).exists() and model.count("/") != 1:
             sys.exit(f"model {model!r} not found (embedded: {embedded_pipelines()}); try --random-from-config configs/mnist.yaml")
-    registry = space.ModelRegistry([model], include_embedded=False)
-    sa = app.SpaceApp(registry)
-    entry = registry.get(model)
-    pipe = entry.pipe
-    layer = args.layer or sa.default_layer(model)
-    example = str(entry.examples[0])
+    pipe = InvariancePipeline.from_pretrained(model)
+    layer = args.layer or pipe.layers[len(pipe.layers) // 2]  # the Space's default layer
+    examples, _ = space.build_examples(pipe, tempfile.mkdtemp(prefix="bench_examples_"), 2)  # as the Space makes them
+    example, ex2 = str(examples[0]), str(examples[-1])
+    domain = space.input_domain(pipe)
+    xa, xb = (space.prepare_input(pipe, space.load_image(p), convert=True, domain=domain)[0] for p in (example, ex2))
     res: dict = {"model": model, "layers": pipe.layers, "samples": args.samples, "layer": layer,
                  "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "load_before": os.getloadavg()[0]}
     print(f"model {model}: {pipe}\nexample {example}; torch threads {torch.get_num_threads()}; "
           f"load average {os.getloadavg()[0]:.2f}")
 
-    n = args.samples
-    res["interpret"] = timed(name="interpret", fn=lambda: sa.interpret(model, "upload", example, None, True, layer, n, 1.0, 0), runs=args.runs, verbose=args.verbose)
-    res["layer_sweep"] = timed(name="layer_sweep", fn=lambda: sa.sweep(model, "upload", example, None, True, n, 1.0, 0), runs=args.runs, verbose=args.verbose)
-    ex2 = str(entry.examples[min(1, len(entry.examples) - 1)])
-    res["mix"] = timed(name="mix", fn=lambda: sa.mix(model, example, ex2, True), runs=args.runs, verbose=args.verbose)
-    res["adversarial"] = timed(name="adversarial", fn=lambda: sa.attack(model, example, True, 0.1, 0), runs=args.runs, verbose=args.verbose)
+    n, runs, verbose = args.samples, args.runs, args.verbose
+    res["compute_interpret"] = timed(lambda: pipe.interpret(xa, layer, n, 1.0, 0), runs, name="interpret", verbose=verbose)
+    res["compute_layer_sweep"] = timed(lambda: pipe.layer_sweep(xa, min(n, 16), 1.0, 0), runs, name="layer_sweep",
+                                       verbose=verbose)
+    res["compute_mix"] = timed(lambda: pipe.mix_layers(xa, xb), runs, name="mix_layers", verbose=verbose)
+    res["compute_adversarial"] = timed(lambda: pipe.attack(xa, 0.1, 0), runs, name="attack", verbose=verbose)
 
+    embedded = model in embedded_pipelines()
+    app_args = (["--model", model] if embedded else ["--no-embedded", "--model", model]) + ["--threads", str(args.threads)]
     if args.client or args.stress:
         from gradio_client import Client, handle_file
 
-        demo = app.build_demo(registry)
-        demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
-                    **app.launch_options())
-        try:
+        with app_server(app_args + ["--examples", "2"]) as (url, _):
             if args.client:
-                c = Client(demo.local_url, verbose=False, download_files=False)
-                res["client_interpret"] = timed(name="client_interpret", fn=lambda: c.predict(model, handle_file(example), None, True, layer, n, 1.0, 0,
-                                                                  api_name="/interpret"), runs=args.runs, verbose=args.verbose)
-                res["client_layer_sweep"] = timed(name="client_layer_sweep", fn=lambda: c.predict(model, handle_file(example), None, True, n, 1.0, 0,
-                                                                    api_name="/layer_sweep"), runs=args.runs, verbose=args.verbose)
+                c = Client(url, verbose=False, download_files=False)
+                convert = domain == "digit"
+                requests = {
+                    "interpret": lambda: c.predict(model, handle_file(example), None, convert, layer, n, 1.0, 0,
+                                                   api_name="/interpret"),
+                    "layer_sweep": lambda: c.predict(model, handle_file(example), None, convert, n, 1.0, 0,
+                                                     api_name="/layer_sweep"),
+                    "mix": lambda: c.predict(model, handle_file(example), handle_file(ex2), convert, api_name="/mix"),
+                    "adversarial": lambda: c.predict(model, handle_file(example), convert, 0.1, 0, api_name="/adversarial"),
+                }
+                for k, fn in requests.items():
+                    res[f"client_{k}"] = timed(fn, runs, name=f"client {k}", verbose=verbose)
             if args.stress:
-                res["stress"] = stress(demo.local_url, model, example, args.stress, args.clients, layer)
-        finally:
-            demo.close()
+                res["stress"] = stress(url, model, example, args.stress, args.clients, layer)
     if args.startup:
-        margs = ["--no-embedded", "--model", model] if model not in embedded_pipelines() else ["--model", model]
-        times = [startup_time(margs) for _ in range(args.startup)]
+        times = []
+        for i in range(args.startup):
+            print(f"  cold start {i + 1}/{args.startup} ...", flush=True)
+            with app_server(app_args) as (_, seconds):
+                times.append(seconds)
         res["startup"] = {"median_s": statistics.median(times), "all_s": times}
     res["load_after"] = os.getloadavg()[0]
 
-    print(f"\n{'request':<22}{'median ms':>11}{'min ms':>9}{'max ms':>9}{'CPU ms':>9}  (runs)")
+    print(f"\n{'request':<24}{'median ms':>11}{'min ms':>9}{'max ms':>9}{'CPU ms':>9}  (runs)")
     for k, v in res.items():
         if isinstance(v, dict) and "median_ms" in v:
-            print(f"{k:<22}{v['median_ms']:>11.1f}{v['min_ms']:>9.1f}{v['max_ms']:>9.1f}{v['cpu_median_ms']:>9.1f}  ({v['runs']})")
+            print(f"{k:<24}{v['median_ms']:>11.1f}{v['min_ms']:>9.1f}{v['max_ms']:>9.1f}{v['cpu_median_ms']:>9.1f}  ({v['runs']})")
     if "startup" in res:
-        print(f"{'startup to ready':<22}{1000 * res['startup']['median_s']:>11.0f}   all: "
-              f"{', '.join(f'{s:.1f}s' for s in res['startup']['all_s'])}")
+        print(f"{'startup to ready':<24}{1000 * res['startup']['median_s']:>11.0f}   all: "
+              f"{', '.join(f'{t:.1f}s' for t in res['startup']['all_s'])}")
     if "stress" in res:
         print(f"stress: {json.dumps(res['stress'])}")
     print(f"load average before/after: {res['load_before']:.2f} / {res['load_after']:.2f}")

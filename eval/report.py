@@ -805,7 +805,7 @@ def run(args, feature_extractor=None) -> dict:
     pipe = InvariancePipeline.from_pretrained(args.pipeline, device=device)
     layers = [l.strip() for l in args.layers.split(",")] if args.layers else pipe.layers
     for layer in layers:
-        pipe._cinn(layer)  # ValueError for unknown layers
+        pipe.cinn(layer)  # ValueError for unknown layers
     bb = pipe.backbone
     results: dict = {
         "command": "python -m eval.report " + " ".join(shlex.quote(a) for a in args.argv),

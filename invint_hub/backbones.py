@@ -586,13 +586,11 @@ class Backbone(nn.Module, HubMixin, **HUB_KWARGS):
             f" and can tap any of backbone.available_layers (e.g. {self.available_layers[1:6]}...)"
         )
 
-    def _check_layer(self, layer: str) -> int:
+    def check_layer(self, layer: str) -> int:
         """Index of a chosen layer; ``ValueError`` if ``layer`` is not one of ``layers``."""
         if layer not in self._layers:
             raise ValueError(f"unknown layer {layer!r}; this {self.arch} has layers {self.layers}")
         return self._layers.index(layer)
-
-    check_layer = _check_layer
 
     def _depth(self, layer: str) -> float:
         kind, target = self._resolve(layer)

@@ -24,6 +24,7 @@ or estimated with the IIN dimensionality estimate (``estimate_factor_dims``).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
@@ -542,7 +543,7 @@ def concept_variance_explained(
     model (pass real test images for a report).
     """
     e = _model(pipe)
-    t = pipe._cinn(layer)
+    t = pipe.cinn(layer)
     if n < 2:
         raise ValueError(f"need n >= 2 samples per image to estimate a variance, got {n}")
     x = pipe.preprocess(images) if images is not None else sample_images(pipe, n_images, seed=seed)
@@ -585,6 +586,110 @@ def network_response(pipe, images, concept: str | int, n: int = 64, seed: int = 
     codes = torch.where(mask[None], noise, codes)
     preds = torch.cat([pipe.backbone(pipe.decode(e.inverse(c)[0])).argmax(1) for c in codes.split(512)]).view(x.shape[0], n)
     return {"std": preds.float().std(1, unbiased=False), "changed": (preds != base[:, None]).float().mean(1), "predictions": preds}
+
+
+# ---------------------------------------------------------------------------------------
+# batched concept views (everything one request of the Space shows, one pass through each network)
+# ---------------------------------------------------------------------------------------
+EDIT_STEPS = (-3.0, -2.0, -1.0, 0.0, 1.0, 2.0, 3.0)
+
+
+@dataclass
+class ConceptTransfer:
+    """Each concept of the source put into the target (row 0) and of the target into the source (row 1)."""
+
+    concepts: list[str]  # the columns: each concept, then (with several) "all concepts"
+    amount: float
+    x: torch.Tensor  # (2, C, S, S): target, source
+    pred: list[int]  # classes of target and source
+    rows: torch.Tensor  # (2, len(concepts), C, S, S)
+    row_pred: list[list[int]]
+
+
+@dataclass
+class ConceptEdit:
+    """An image with every concept moved by its amount, and a walk along each concept alone."""
+
+    concepts: list[str]
+    amounts: dict[str, float]
+    x: torch.Tensor  # (1, C, S, S)
+    recon: torch.Tensor  # (1, C, S, S)
+    edited: torch.Tensor  # (1, C, S, S)
+    pred: list[int]  # input, reconstruction, edited
+    steps: tuple[float, ...]
+    walks: torch.Tensor  # (len(concepts), len(steps), C, S, S)
+    walk_pred: list[list[int]]
+
+
+def _one_image(pipe, images, what: str) -> torch.Tensor:
+    x = pipe.preprocess(images)
+    if x.shape[0] != 1:
+        raise ValueError(f"{what} takes one image, got a batch of {x.shape[0]}")
+    return x
+
+
+@torch.inference_mode()
+def concept_transfer(pipe, target, source, amount: float = 1.0) -> ConceptTransfer:
+    """Every concept (one at a time, then all together) moved ``amount`` of the way from the target's value to
+    the source's, and the reverse; equals ``pipe.transfer(target, source, c, amount)`` per column."""
+    e = _model(pipe)
+    try:
+        amount = float(amount)
+    except (TypeError, ValueError):
+        raise ValueError(f"amount must be a number, got {amount!r}") from None
+    if not -1.0 <= amount <= 2.0:
+        raise ValueError(f"amount must lie in [-1, 2] (0 = no change, 1 = full transfer), got {amount}")
+    names = e.concept_names
+    columns: list = list(names) + ([list(names)] if len(names) > 1 else [])
+    x = torch.cat([_one_image(pipe, target, "concept_transfer (target)"), _one_image(pipe, source, "concept_transfer (source)")])
+    code = e(pipe.encode(x))[0]  # encoded once; per column: target with the source's concept, then the reverse
+    codes = torch.cat([transfer_codes(e, code, code.flip(0), c, amount) for c in columns])
+    dec = pipe.decode(e.inverse(codes)[0])
+    preds = pipe.backbone(torch.cat([x, dec])).argmax(1).tolist()
+    k = len(columns)
+    rows = dec.view(k, 2, *dec.shape[1:]).transpose(0, 1)
+    row_pred = [[preds[2 + 2 * j + i] for j in range(k)] for i in range(2)]
+    labels = list(names) + (["all concepts"] if len(names) > 1 else [])
+    return ConceptTransfer(labels, amount, x, preds[:2], rows, row_pred)
+
+
+@torch.inference_mode()
+def concept_edit(pipe, image, amounts: Mapping[str, float], seed: int = 0, steps: Sequence[float] = EDIT_STEPS) -> ConceptEdit:
+    """The image with every concept moved by its amount (prior standard deviations, in [-5, 5]) at once
+    (``pipe.edit_many(image, amounts, seed)``), and each concept alone walked through ``steps``."""
+    e = _model(pipe)
+    try:
+        seed = int(seed)
+        amounts = {str(c): float(a) for c, a in amounts.items()}
+    except (TypeError, ValueError):
+        raise ValueError("seed and amounts must be numbers") from None
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    for c, a in amounts.items():
+        if c not in e.factor_names:
+            raise ValueError(f"unknown concept {c!r}; this model has {e.concept_names}")
+        if not -5.0 <= a <= 5.0:
+            raise ValueError(f"amount of {c!r} must lie in [-5, 5] prior standard deviations, got {a}")
+    names = e.concept_names
+    x = _one_image(pipe, image, "concept_edit")
+    code = e(pipe.encode(x))[0]  # (1, dim)
+    dirs = torch.stack([concept_direction(e, c, seed) for c in names]).to(code)  # (K, dim)
+    shift = sum((amounts.get(c, 0.0) * d for c, d in zip(names, dirs)), torch.zeros_like(code[0]))
+    walk = code + torch.tensor(steps).to(code)[None, :, None] * dirs[:, None, :]  # (K, n_steps, dim)
+    dec = pipe.decode(e.inverse(torch.cat([code, code + shift, walk.flatten(0, 1)]))[0])
+    preds = pipe.backbone(torch.cat([x, dec])).argmax(1).tolist()
+    walks = dec[2:].view(len(names), len(steps), *dec.shape[1:])
+    walk_pred = [preds[3 + i * len(steps) : 3 + (i + 1) * len(steps)] for i in range(len(names))]
+    return ConceptEdit(names, amounts, x, dec[:1], dec[1:2], preds[:3], tuple(steps), walks, walk_pred)
+
+
+@torch.inference_mode()
+def concept_layers(pipe, n_images: int = 64, n: int = 8, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Per layer, the share of each concept's variance that the layer's representation fixes (ECCV Fig. 4),
+    on ``n_images`` images the pipeline generates itself: {layer: {factor: share}}."""
+    _model(pipe)
+    images = sample_images(pipe, n_images, seed=seed)
+    return {l: concept_variance_explained(pipe, l, images, n=n, seed=seed) for l in pipe.layers}
 
 
 __all__ = [

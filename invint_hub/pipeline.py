@@ -10,14 +10,23 @@ Repository layout (local folder or Hub repo)::
     concepts/                # optional: the concept INN e (listed as "concepts" in pipeline.json)
 
 ``InvariancePipeline.from_pretrained()`` with no argument loads the embedded MNIST pipeline.
+
+Two kinds of methods: the paper's operations on batches (``sample_invariances``, ``mix``,
+``variance_explained``, ...), which return tensors, and the batched views of one image
+(``interpret``, ``layer_sweep``, ``mix_layers``, ``attack``), which compute everything one request
+of the Space shows in one pass through each network and return small dataclasses of tensors and
+floats. The concept views live next to the concept operations in ``invint_hub.concepts``.
 """
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .attacks import fgsm, sign_noise
 from .autoencoder import Autoencoder
 from .backbones import Backbone
 from .cinn import ConditionalINN
@@ -57,6 +66,74 @@ def embedded_pipelines() -> list[str]:
     return sorted(names, key=lambda n: n != DEFAULT_PIPELINE)
 
 
+# --- the batched views (one request = one pass through each network; used by the Space) --------
+@dataclass
+class Interpretation:
+    """One image at one layer: prediction, reconstruction and n samples D(t^-1(v | z))."""
+
+    layer: str
+    x: torch.Tensor  # (1, C, S, S) the model input
+    probs: torch.Tensor  # (K,) class probabilities of x
+    recon: torch.Tensor  # (1, C, S, S) D(E(x))
+    samples: torch.Tensor  # (n, C, S, S)
+    sample_pred: torch.Tensor  # (n,) classes of the samples
+    variance_explained: float | None  # share of z_bar's data variance the samples span (None: unknown)
+    class_agreement: float  # share of samples classified like x
+
+
+@dataclass
+class LayerSweep:
+    """Samples for every layer with the same v (so sample j shows the same invariances at every layer)."""
+
+    x: torch.Tensor  # (1, C, S, S)
+    probs: torch.Tensor  # (K,)
+    recon: torch.Tensor  # (1, C, S, S)
+    samples: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (n, C, S, S)
+    sample_pred: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (n,)
+    variance_explained: dict[str, float | None] = field(default_factory=dict)
+    class_agreement: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class LayerMix:
+    """Per layer: A's representation decoded with B's invariances, and B's with A's."""
+
+    x: torch.Tensor  # (2, C, S, S): A, B
+    recon: torch.Tensor  # (2, C, S, S)
+    pred: torch.Tensor  # (2,) classes of A and B
+    a_with_b: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (1, C, S, S)
+    b_with_a: dict[str, torch.Tensor] = field(default_factory=dict)
+    pred_a_with_b: dict[str, int] = field(default_factory=dict)
+    pred_b_with_a: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class Attack:
+    """FGSM vs random sign noise of the same eps, and what every layer sees of each (ECCV Fig. 5)."""
+
+    eps: float
+    x: torch.Tensor  # (3, C, S, S): original, FGSM, random signs
+    probs: torch.Tensor  # (3, K)
+    recon: torch.Tensor  # (3, C, S, S): D(E(.)) of each
+    recon_pred: list[int]  # classes of the reconstructions
+    seen: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (3, C, S, S): D(t^-1(v_orig | Phi_L(.)))
+    seen_pred: dict[str, list[int]] = field(default_factory=dict)
+
+
+def _sampling(n, temperature, seed) -> tuple[int, float, int]:
+    try:
+        n, temperature, seed = int(n), float(temperature), int(seed)
+    except (TypeError, ValueError):
+        raise ValueError("samples, temperature and seed must be numbers") from None
+    if n < 1:
+        raise ValueError(f"number of samples must be >= 1, got {n}")
+    if not (0.0 <= temperature < math.inf):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    return n, temperature, seed
+
+
 class InvariancePipeline:
     """Interpret a classifier's layers: what each representation keeps and what it is invariant to.
 
@@ -78,7 +155,8 @@ class InvariancePipeline:
                 f"({backbone.in_channels}x{backbone.image_size}px) differ"
             )
         for layer, t in cinns.items():
-            backbone._check_layer(layer)
+            if layer not in backbone.layers:
+                raise ValueError(f"cINN for unknown layer {layer!r}; this {backbone.arch} has layers {backbone.layers}")
             if t.latent_dim != autoencoder.latent_dim:
                 raise ValueError(f"cINN for {layer} expects latent {t.latent_dim}, autoencoder has {autoencoder.latent_dim}")
         if concepts is not None and concepts.dim != autoencoder.latent_dim:
@@ -157,7 +235,8 @@ class InvariancePipeline:
     def class_names(self) -> list[str]:
         return self.backbone.class_names
 
-    def _cinn(self, layer: str) -> ConditionalINN:
+    def cinn(self, layer: str) -> ConditionalINN:
+        """The conditional INN t of ``layer`` (``ValueError`` naming the pipeline's layers if it has none)."""
         if layer not in self.cinns:
             raise ValueError(f"no cINN for layer {layer!r}; this pipeline has {self.layers}")
         return self.cinns[layer]
@@ -200,7 +279,7 @@ class InvariancePipeline:
         """v = t(E(x) | Phi(x)): what the autoencoder sees of x that the layer does not."""
         x = self.preprocess(images)
         z = self.backbone.representation(x, layer)
-        return self._cinn(layer)(self.autoencoder.encode(x).mode(), z)[0]
+        return self.cinn(layer)(self.autoencoder.encode(x).mode(), z)[0]
 
     # --- the paper's operations ---------------------------------------------------------
     @torch.no_grad()
@@ -212,7 +291,7 @@ class InvariancePipeline:
             raise ValueError(f"n must be >= 1, got {n}")
         x = self.preprocess(images)
         z = self.backbone.representation(x, layer)
-        zbar = self._cinn(layer).sample(z, n, temperature, self._generator(seed))
+        zbar = self.cinn(layer).sample(z, n, temperature, self._generator(seed))
         return zbar.view(x.shape[0], n, -1)
 
     @torch.no_grad()
@@ -242,9 +321,12 @@ class InvariancePipeline:
                 xb = xb.expand(xa.shape[0], -1, -1, -1)
             else:
                 raise ValueError(f"cannot mix batches of {xa.shape[0]} and {xb.shape[0]} images")
-        t = self._cinn(layer)
-        v_b = t(self.autoencoder.encode(xb).mode(), self.backbone.representation(xb, layer))[0]
-        return self.decode(t.inverse(v_b, self.backbone.representation(xa, layer))[0])
+        v_b = self.cinn(layer)(self.autoencoder.encode(xb).mode(), self.backbone.representation(xb, layer))[0]
+        return self.decode(self._invert(layer, v_b, self.backbone.representation(xa, layer)))
+
+    def _invert(self, layer: str, v: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """z_bar = t^-1(v | z) at ``layer``."""
+        return self.cinn(layer).inverse(v, z)[0]
 
     @torch.no_grad()
     def variance_explained(
@@ -259,14 +341,21 @@ class InvariancePipeline:
         """
         if n < 2:
             raise ValueError(f"need n >= 2 samples to estimate a variance, got {n}")
-        zbar = self.sample_latents(images, layer, n, temperature, seed)  # (B, n, D)
-        within = zbar.var(dim=1, unbiased=True).sum(-1)
+        share = self._variance_share(self.sample_latents(images, layer, n, temperature, seed))
+        if share is None:
+            raise ValueError("this autoencoder recorded no latent variance; pass a batch of >= 2 images")
+        return share.float()
+
+    def _variance_share(self, zbar: torch.Tensor) -> torch.Tensor | None:
+        """The estimator behind ``variance_explained`` and the views: samples (B, n, D) -> (B,), or None when
+        it cannot be estimated (fewer than 2 samples, or no recorded data variance and a single image).
+        Divides in float64 (the float32 result of ``variance_explained`` is the same as a float32 division)."""
         total = float(self.autoencoder.latent_var)
-        if total <= 0:
-            if zbar.shape[0] < 2:
-                raise ValueError("this autoencoder recorded no latent variance; pass a batch of >= 2 images")
+        if total <= 0 and zbar.shape[0] >= 2:
             total = zbar.flatten(0, 1).var(dim=0, unbiased=True).sum().item()
-        return within / total
+        if zbar.shape[1] < 2 or total <= 0:
+            return None
+        return zbar.var(dim=1, unbiased=True).sum(-1).double() / total
 
     @torch.no_grad()
     def class_agreement(self, images: ImageLike, layer: str, n: int = 8, temperature: float = 1.0, seed: int | None = 0):
@@ -276,6 +365,103 @@ class InvariancePipeline:
         samples = self.sample_invariances(x, layer, n, temperature, seed).flatten(0, 1)
         pred_s = self.backbone(samples).argmax(1).view(x.shape[0], n)
         return (pred_s == pred[:, None]).float().mean(1)
+
+    # --- batched views: everything one UI request shows, one pass through each network ---------
+    def _one_image(self, images: ImageLike, what: str) -> torch.Tensor:
+        x = self.preprocess(images)
+        if x.shape[0] != 1:
+            raise ValueError(f"{what} takes one image, got a batch of {x.shape[0]}")
+        return x
+
+    def _codes(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One pass each: every cINN layer's representation plus the logits, and the latent mean E(x)."""
+        feats = self.backbone.forward_layers(x, self.layers + [self.backbone.logits_layer])
+        return feats, self.autoencoder.encode(x).mode()
+
+    @torch.inference_mode()
+    def interpret(self, image: ImageLike, layer: str, n: int = 16, temperature: float = 1.0, seed: int = 0) -> Interpretation:
+        """One image at one layer: prediction, reconstruction, n samples D(t^-1(v | z)) (the same as
+        ``sample_invariances(image, layer, n, temperature, seed)[0]``), their classes, variance explained
+        and class agreement."""
+        n, temperature, seed = _sampling(n, temperature, seed)
+        x = self._one_image(image, "interpret")
+        t = self.cinn(layer)
+        logits_layer = self.backbone.logits_layer
+        feats = self.backbone.forward_layers(x, [layer, logits_layer])
+        probs = feats[logits_layer].softmax(1)[0]
+        zbar = t.sample(feats[layer], n, temperature, self._generator(seed))
+        dec = self.decode(torch.cat([self.autoencoder.encode(x).mode(), zbar]))
+        recon, samples = dec[:1], dec[1:]
+        sample_pred = self.backbone(samples).argmax(1)
+        agreement = float((sample_pred == probs.argmax()).float().mean())
+        share = self._variance_share(zbar[None])
+        return Interpretation(layer, x, probs, recon, samples, sample_pred, None if share is None else float(share[0]),
+                              agreement)
+
+    @torch.inference_mode()
+    def layer_sweep(self, image: ImageLike, n: int = 8, temperature: float = 1.0, seed: int = 0) -> LayerSweep:
+        """``interpret`` at every layer with the same v: sample j decodes the same invariances at each layer."""
+        n, temperature, seed = _sampling(n, temperature, seed)
+        x = self._one_image(image, "layer_sweep")
+        layers = self.layers
+        feats, zbar = self._codes(x)
+        probs = feats[self.backbone.logits_layer].softmax(1)[0]
+        zbars = [self.cinns[l].sample(feats[l], n, temperature, self._generator(seed)) for l in layers]
+        dec = self.decode(torch.cat([zbar] + zbars))
+        preds = self.backbone(dec[1:]).argmax(1)
+        cls = probs.argmax()
+        out = LayerSweep(x, probs, dec[:1])
+        for i, l in enumerate(layers):
+            out.samples[l] = dec[1 + i * n : 1 + (i + 1) * n]
+            out.sample_pred[l] = preds[i * n : (i + 1) * n]
+            out.class_agreement[l] = float((out.sample_pred[l] == cls).float().mean())
+            share = self._variance_share(zbars[i][None])
+            out.variance_explained[l] = None if share is None else float(share[0])
+        return out
+
+    @torch.inference_mode()
+    def mix_layers(self, a: ImageLike, b: ImageLike) -> LayerMix:
+        """``mix`` both ways at every layer: A's representation with B's invariances and B's with A's."""
+        x = torch.cat([self._one_image(a, "mix_layers (image A)"), self._one_image(b, "mix_layers (image B)")])
+        feats, zbar = self._codes(x)
+        swapped = []
+        for l in self.layers:
+            v = self.cinns[l](zbar, feats[l])[0]
+            swapped.append(self._invert(l, v.flip(0), feats[l]))  # row 0: z_A with v_B; row 1: z_B with v_A
+        dec = self.decode(torch.cat([zbar] + swapped))
+        preds = self.backbone(dec[2:]).argmax(1).tolist()
+        out = LayerMix(x, dec[:2], feats[self.backbone.logits_layer].argmax(1))
+        for i, l in enumerate(self.layers):
+            out.a_with_b[l], out.b_with_a[l] = dec[2 + 2 * i : 3 + 2 * i], dec[3 + 2 * i : 4 + 2 * i]
+            out.pred_a_with_b[l], out.pred_b_with_a[l] = preds[2 * i], preds[2 * i + 1]
+        return out
+
+    @torch.inference_mode()
+    def attack(self, image: ImageLike, eps: float = 0.1, seed: int = 0) -> Attack:
+        """FGSM (``attacks.fgsm``) and seeded random sign noise of the same ``eps`` (on the [-1, 1] scale), and
+        what each layer sees of them: D(t^-1(v_orig | Phi_L(.))) with the original image's invariances."""
+        try:
+            eps, seed = float(eps), int(seed)
+        except (TypeError, ValueError):
+            raise ValueError("eps and seed must be numbers") from None
+        if not (0.0 <= eps <= 2.0):
+            raise ValueError(f"eps must be between 0 and 2 (images are in [-1, 1]), got {eps}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        x = self._one_image(image, "attack")
+        xs = torch.cat([x, fgsm(self.backbone, x, eps), sign_noise(x, eps, seed)])
+        feats, zbar = self._codes(xs)
+        seen = []
+        for l in self.layers:
+            v_orig = self.cinns[l](zbar[:1], feats[l][:1])[0]
+            seen.append(self._invert(l, v_orig.expand(3, -1), feats[l]))
+        dec = self.decode(torch.cat([zbar] + seen))
+        preds = self.backbone(dec).argmax(1).tolist()
+        out = Attack(eps, xs, feats[self.backbone.logits_layer].softmax(1), dec[:3], preds[:3])
+        for i, l in enumerate(self.layers):
+            out.seen[l] = dec[3 + 3 * i : 6 + 3 * i]
+            out.seen_pred[l] = preds[3 + 3 * i : 6 + 3 * i]
+        return out
 
     # --- concepts (the interpretation INN e; see invint_hub.concepts) ---------------------
     @property

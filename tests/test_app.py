@@ -224,6 +224,20 @@ def test_safe_image_preprocess_answers_with_gr_error(bad_image_files, odd_image_
     assert isinstance(img, Image.Image)
 
 
+def test_an_upload_is_decoded_once(space_app, registry, example, monkeypatch):
+    """SafeImage decodes the upload; the handler uses that image instead of reading it again."""
+    from invint_hub.space import inputs
+
+    opened = []
+    real = inputs.open_image
+    monkeypatch.setattr(inputs, "open_image", lambda v: opened.append(v) or real(v))
+    img = app.SafeImage(render=False).preprocess({"path": example, "meta": {"_type": "gradio.FileData"}})
+    assert len(opened) == 1 and isinstance(img, Image.Image)
+    assert len(space_app.interpret(registry.default, "upload", img, None, True, "logits", 2, 1.0, 0)[3]) == 2
+    assert len(space_app.attack(registry.default, img, False, 0.1, 0)) == 8
+    assert len(opened) == 1
+
+
 # ---------------------------------------------------------------------------------------
 # attacks
 # ---------------------------------------------------------------------------------------
@@ -291,26 +305,22 @@ def test_sweep_handler(space_app, registry, example, tiny):
 
 def test_mix_with_itself_reconstructs(tiny, example):
     """D(t^-1(t(E(x)|z)|z)) = D(E(x)) at every layer: mixing an image with itself is its reconstruction."""
-    from invint_hub import space
-
     x = tiny.preprocess(load_image(example))
-    m = space.mix(tiny, x, x)
+    m = tiny.mix_layers(x, x)
     for layer in tiny.layers:
         assert torch.allclose(m.a_with_b[layer], m.recon[:1], atol=1e-3), layer
 
 
 def test_batched_views_match_the_library(tiny, registry):
-    """The Space's one-pass computations equal InvariancePipeline's own methods."""
-    from invint_hub import space
-
+    """The pipeline's one-pass views (what the Space shows) equal its single-layer methods."""
     ex = registry.get(None).examples
     xa, xb = tiny.preprocess(load_image(str(ex[0]))), tiny.preprocess(load_image(str(ex[1])))
-    sweep = space.layer_sweep(tiny, xa, 5, 0.8, seed=11)
-    mixed = space.mix(tiny, xa, xb)
+    sweep = tiny.layer_sweep(xa, 5, 0.8, seed=11)
+    mixed = tiny.mix_layers(xa, xb)
     for layer in tiny.layers:
         ref = tiny.sample_invariances(xa, layer, n=5, temperature=0.8, seed=11)[0]
         assert torch.allclose(sweep.samples[layer], ref, atol=1e-5), layer
-        assert torch.allclose(space.interpret(tiny, xa, layer, 5, 0.8, 11).samples, ref, atol=1e-5), layer
+        assert torch.allclose(tiny.interpret(xa, layer, 5, 0.8, 11).samples, ref, atol=1e-5), layer
         assert torch.allclose(mixed.a_with_b[layer], tiny.mix(xa, xb, layer), atol=1e-5), layer
         assert torch.allclose(mixed.b_with_a[layer], tiny.mix(xb, xa, layer), atol=1e-5), layer
     assert torch.allclose(sweep.recon, tiny.reconstruct(xa), atol=1e-5)
@@ -325,10 +335,8 @@ def test_mix_handler(space_app, registry, example):
 
 
 def test_adversarial_handler_and_layer_views(space_app, registry, example, tiny):
-    from invint_hub import space
-
     x = tiny.preprocess(load_image(example))
-    a = space.adversarial(tiny, x, 0.2, seed=1)
+    a = tiny.attack(x, 0.2, seed=1)
     assert torch.equal(a.x[0], x[0]) and (a.x[1] - x[0]).abs().max() <= 0.2 + 1e-6
     for layer in tiny.layers:  # with its own invariances, the original decodes to its reconstruction
         assert torch.allclose(a.seen[layer][0], a.recon[0], atol=1e-3)
@@ -443,7 +451,7 @@ def test_concept_tab_knows_which_models_have_concepts(space_app, registry, conce
 
 
 def test_concept_transfer_matches_the_library_and_itself_changes_nothing(space_app, registry, concept_pipeline_dir):
-    from invint_hub.space import concept_transfer
+    from invint_hub.concepts import concept_transfer
 
     cm = str(concept_pipeline_dir)
     pipe = registry.get(cm).pipe
@@ -463,7 +471,7 @@ def test_concept_transfer_matches_the_library_and_itself_changes_nothing(space_a
 
 
 def test_concept_edit_handler(space_app, registry, concept_pipeline_dir):
-    from invint_hub.space import EDIT_STEPS, concept_edit
+    from invint_hub.concepts import EDIT_STEPS, concept_edit
 
     cm = str(concept_pipeline_dir)
     pipe = registry.get(cm).pipe

@@ -121,3 +121,72 @@ def test_embedded_weights_fit_the_budget():
 
     total = sum(f.stat().st_size for f in PRETRAINED_DIR.rglob("*.safetensors"))
     assert total <= 25_000_000, f"embedded weights are {total / 1e6:.2f} MB; the budget is 25 MB"
+
+
+
+def test_interpret_equals_the_single_view_methods(pipe, digits):
+    x = digits[0][:1]
+    for layer in ("conv1", "fc"):
+        r = pipe.interpret(x, layer, n=6, temperature=0.8, seed=5)
+        assert r.layer == layer and r.x.shape == x.shape and r.probs.shape == (10,)
+        assert r.samples.shape == (6, 1, 32, 32) and r.sample_pred.shape == (6,) and r.recon.shape == x.shape
+        assert torch.allclose(r.samples, pipe.sample_invariances(x, layer, 6, 0.8, seed=5)[0], atol=1e-5)
+        assert torch.allclose(r.recon, pipe.reconstruct(x), atol=1e-5)
+        assert torch.allclose(r.probs, pipe.predict(x)[0], atol=1e-6)
+        assert r.variance_explained == pytest.approx(float(pipe.variance_explained(x, layer, 6, 0.8, seed=5)), rel=1e-5)
+        assert abs(r.class_agreement - float(pipe.class_agreement(x, layer, 6, 0.8, seed=5))) <= 1 / 6 + 1e-9
+        assert torch.equal(r.sample_pred, pipe.backbone(r.samples).argmax(1))
+    assert pipe.interpret(x, "fc", n=1, seed=0).variance_explained is None  # one sample spans no variance
+
+
+def test_layer_sweep_uses_the_same_v_at_every_layer(pipe, digits):
+    x = digits[0][:1]
+    s = pipe.layer_sweep(x, n=4, temperature=1.0, seed=3)
+    assert list(s.samples) == pipe.layers == list(s.variance_explained) == list(s.class_agreement)
+    for layer in pipe.layers:
+        assert s.samples[layer].shape == (4, 1, 32, 32) and s.sample_pred[layer].shape == (4,)
+        assert torch.allclose(s.samples[layer], pipe.sample_invariances(x, layer, 4, seed=3)[0], atol=1e-5)
+        assert 0.0 <= s.class_agreement[layer] <= 1.0
+    assert torch.allclose(s.recon, pipe.reconstruct(x), atol=1e-5)
+
+
+def test_mix_layers_equals_mix_both_ways(pipe, digits):
+    xa, xb = digits[0][:1], digits[0][1:2]
+    m = pipe.mix_layers(xa, xb)
+    assert m.x.shape == (2, 1, 32, 32) and m.pred.tolist() == pipe.predict(torch.cat([xa, xb])).argmax(1).tolist()
+    for layer in pipe.layers:
+        assert torch.allclose(m.a_with_b[layer], pipe.mix(xa, xb, layer), atol=1e-5), layer
+        assert torch.allclose(m.b_with_a[layer], pipe.mix(xb, xa, layer), atol=1e-5), layer
+        assert isinstance(m.pred_a_with_b[layer], int)
+    same = pipe.mix_layers(xa, xa)
+    assert all(torch.allclose(same.a_with_b[l], same.recon[:1], atol=1e-3) for l in pipe.layers)
+
+
+def test_attack_view_equals_fgsm_and_sign_noise(pipe, digits):
+    from invint_hub.attacks import fgsm, sign_noise
+
+    x = digits[0][:1]
+    a = pipe.attack(x, eps=0.2, seed=4)
+    assert a.eps == 0.2 and a.x.shape == (3, 1, 32, 32) and a.probs.shape == (3, 10) and len(a.recon_pred) == 3
+    assert torch.equal(a.x[:1], x) and torch.equal(a.x[1:2], fgsm(pipe.backbone, x, 0.2))
+    assert torch.equal(a.x[2:], sign_noise(x, 0.2, seed=4))
+    assert torch.allclose(a.recon, pipe.reconstruct(a.x), atol=1e-5)
+    for layer in pipe.layers:  # with its own invariances, the original decodes to its reconstruction
+        assert torch.allclose(a.seen[layer][0], a.recon[0], atol=1e-3) and len(a.seen_pred[layer]) == 3
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda p, x: p.interpret(x, "fc", n=0), "samples"),
+    (lambda p, x: p.interpret(x, "fc", temperature=-1), "temperature"),
+    (lambda p, x: p.layer_sweep(x, seed=-2), "seed"),
+    (lambda p, x: p.interpret(x, "conv9"), "conv9"),
+    (lambda p, x: p.interpret(torch.cat([x, x]), "fc"), "one image"),
+    (lambda p, x: p.mix_layers(x, torch.cat([x, x])), "one image"),
+    (lambda p, x: p.attack(x, eps=3.0), "eps"),
+    (lambda p, x: p.attack(x, eps="a lot"), "eps"),
+    (lambda p, x: p.cinn("conv9"), "conv9"),
+])
+def test_views_refuse_bad_input_with_one_line(pipe, digits, call, match):
+    with pytest.raises(ValueError, match=match) as e:
+        call(pipe, digits[0][:1])
+    assert "\n" not in str(e.value)

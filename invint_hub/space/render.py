@@ -1,0 +1,90 @@
+"""Rendering the Space's results: labelled image grids, nearest-neighbour upscaling, class names."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from ..images import to_pil
+from ..pipeline import InvariancePipeline
+
+_FONTS: dict[int, Any] = {}
+
+
+def font(size: int = 13):
+    if size not in _FONTS:
+        try:
+            _FONTS[size] = ImageFont.load_default(size=size)
+        except TypeError:  # Pillow without FreeType
+            _FONTS[size] = ImageFont.load_default()
+    return _FONTS[size]
+
+
+def upscale(img: Image.Image, min_side: int = 128) -> Image.Image:
+    """Enlarge small images by an integer factor (nearest neighbour: the model's pixels, unsmoothed)."""
+    f = max(1, math.ceil(min_side / max(1, min(img.size))))
+    return img if f == 1 else img.resize((img.width * f, img.height * f), Image.Resampling.NEAREST)
+
+
+def tensor_images(x: torch.Tensor, min_side: int = 128) -> list[Image.Image]:
+    return [upscale(im.convert("RGB"), min_side) for im in to_pil(x)]
+
+
+def compose_grid(
+    rows: list[list[torch.Tensor | Image.Image]],
+    row_labels: list[str] | None = None,
+    col_labels: list[str] | None = None,
+    captions: list[list[str | None]] | None = None,
+    cell: int = 72,
+    gap: int = 4,
+    highlight: list[list[bool]] | None = None,
+) -> Image.Image:
+    """A labelled grid of images: one row per list, optional row/column labels and captions under cells.
+
+    ``highlight`` marks cells with an orange frame (e.g. samples whose class changed).
+    """
+    if not rows or not any(rows):
+        raise ValueError("nothing to draw")
+    f, fs = font(13), font(12)
+    ncol = max(len(r) for r in rows)
+    label_w = int(max((f.getlength(s) for s in row_labels or []), default=0)) + (10 if row_labels else 0)
+    head_h = 20 if col_labels else 0
+    cap_h = 16 if captions else 0
+    cw, ch = cell + gap, cell + cap_h + gap
+    width = label_w + ncol * cw + gap
+    height = head_h + len(rows) * ch + gap
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j, text in enumerate(col_labels or []):
+        cx = label_w + gap + j * cw + cell / 2
+        draw.text((cx, head_h / 2 + 1), _fit(text, fs, cw), fill=(60, 60, 60), font=fs, anchor="mm")
+    for i, row in enumerate(rows):
+        y = head_h + gap + i * ch
+        if row_labels:
+            draw.text((label_w - 6, y + cell / 2), row_labels[i], fill=(40, 40, 40), font=f, anchor="rm")
+        for j, im in enumerate(row):
+            if isinstance(im, torch.Tensor):
+                im = to_pil(im.reshape(1, *im.shape[-3:]))[0]
+            im = im.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST)
+            x = label_w + gap + j * cw
+            canvas.paste(im, (x, y))
+            if highlight and highlight[i][j]:
+                draw.rectangle([x - 2, y - 2, x + cell + 1, y + cell + 1], outline=(240, 120, 0), width=2)
+            if captions and captions[i][j]:
+                draw.text((x + cell / 2, y + cell + 2), _fit(captions[i][j], fs, cw), fill=(60, 60, 60), font=fs, anchor="ma")
+    return canvas
+
+
+def _fit(text: str, f, width: int) -> str:
+    if f.getlength(text) <= width:
+        return text
+    while text and f.getlength(text + "…") > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def class_name(pipe: InvariancePipeline, c: int) -> str:
+    names = pipe.class_names
+    return names[c] if 0 <= c < len(names) else str(c)
