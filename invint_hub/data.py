@@ -193,10 +193,53 @@ class ColorMNIST(Dataset):
         return img * 2 - 1, self.labels[idx]
 
 
+class InMemoryDataset(Dataset):
+    """Images (N, C, S, S) in [-1, 1] and labels (N,), held in memory."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names: list[str] | None = None):
+        if images.dim() != 4 or len(images) != len(labels):
+            raise ValueError(f"expected images (N, C, S, S) and N labels, got {tuple(images.shape)} and {len(labels)}")
+        self.images, self.labels, self.class_names = images, labels.long(), class_names
+
+    @classmethod
+    def from_dataset(cls, ds, image_size: int, channels: int, class_names: list[str] | None = None) -> "InMemoryDataset":
+        """Any dataset of (image, label) pairs, images in any form ``invint_hub.images.to_batch`` reads."""
+        from .images import to_batch
+
+        images, labels = [], []
+        for i in range(len(ds)):
+            image, label = ds[i]
+            images.append(to_batch(image, image_size, channels))
+            labels.append(int(label))
+        if not images:
+            raise ValueError("the dataset is empty")
+        return cls(torch.cat(images), torch.tensor(labels), class_names or getattr(ds, "class_names", None))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], self.labels[i]
+
+    def get_batch(self, idx: torch.Tensor):
+        return self.images[idx], self.labels[idx]
+
+
+REGISTERED: dict[str, dict[str, Dataset]] = {}  # data.name -> {split: dataset}, for data that is not in files
+
+
+def register_dataset(name: str, splits: dict[str, Dataset]) -> None:
+    """Make in-memory datasets available to the training stages as ``data: {name: <name>}`` (this process only)."""
+    REGISTERED[name] = dict(splits)
+
+
 def build_dataset(cfg: dict, split_key: str, data_dir=None, limit: int | None = None) -> Dataset:
     """Dataset from the ``data`` section of a config (``name``, ``image_size``, ``channels``, splits)."""
     split = cfg.get(split_key, "train" if split_key == "train_split" else "test")
     seed = int(cfg.get("seed", 0))
+    if cfg["name"] in REGISTERED:
+        ds = REGISTERED[cfg["name"]][split]
+        return torch.utils.data.Subset(ds, range(min(limit, len(ds)))) if limit else ds
     if cfg["name"] == "colormnist":
         return ColorMNIST(split, cfg["image_size"], data_dir, limit, seed=seed + (0 if split_key == "train_split" else 1))
     return ImageDataset(cfg["name"], split, cfg["image_size"], cfg["channels"], data_dir, limit, seed,
@@ -227,4 +270,5 @@ class SyntheticDataset(Dataset):
         return self.images[idx], self.labels[idx]
 
 
-__all__ = ["load_split", "ImageDataset", "ColorMNIST", "SyntheticDataset", "build_dataset", "default_data_dir"]
+__all__ = ["load_split", "ImageDataset", "ColorMNIST", "SyntheticDataset", "InMemoryDataset", "register_dataset",
+           "build_dataset", "default_data_dir"]

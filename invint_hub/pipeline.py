@@ -159,6 +159,9 @@ class InvariancePipeline:
                 raise ValueError(f"cINN for unknown layer {layer!r}; this {backbone.arch} has layers {backbone.layers}")
             if t.latent_dim != autoencoder.latent_dim:
                 raise ValueError(f"cINN for {layer} expects latent {t.latent_dim}, autoencoder has {autoencoder.latent_dim}")
+            if tuple(t.cond_shape) != tuple(backbone.feature_shapes[layer]):
+                raise ValueError(f"cINN for {layer} was trained on representations of shape {list(t.cond_shape)}; this "
+                                 f"backbone's {layer} has shape {list(backbone.feature_shapes[layer])}")
         if concepts is not None and concepts.dim != autoencoder.latent_dim:
             raise ValueError(f"concept INN expects latent {concepts.dim}, autoencoder has {autoencoder.latent_dim}")
         self.concepts = concepts.eval() if concepts is not None else None
@@ -169,16 +172,39 @@ class InvariancePipeline:
 
     # --- construction -----------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, name_or_path: str | Path | None = None, device: str | torch.device = "cpu", **hub_kwargs):
-        """Load the embedded default (no argument), an embedded name, a local folder or a Hub repo id."""
+    def from_pretrained(cls, name_or_path: str | Path | None = None, device: str | torch.device = "cpu",
+                        backbone: "Backbone | torch.nn.Module | None" = None, **hub_kwargs):
+        """Load the embedded default (no argument), an embedded name, a local folder or a Hub repo id.
+
+        ``backbone``: your own classifier (an ``nn.Module`` mapping normalised images to logits, or a ``Backbone``)
+        instead of the saved one; it is wrapped with the saved backbone's layers, sizes and normalisation and must
+        give every cINN's layer the shape it was trained on.
+        """
         root = resolve_pipeline_dir(name_or_path, **hub_kwargs)
-        info = json.loads((root / PIPELINE_FILE).read_text())
-        backbone = Backbone.from_pretrained(root / info.get("backbone", "backbone"))
-        autoencoder = Autoencoder.from_pretrained(root / info.get("autoencoder", "autoencoder"))
+        try:
+            info = json.loads((root / PIPELINE_FILE).read_text())
+        except ValueError as err:
+            raise ValueError(f"{root / PIPELINE_FILE} is not valid JSON ({err})") from err
+
+        def sub(name: str) -> Path:
+            path = root / name
+            if not path.is_dir():
+                raise FileNotFoundError(f"{root / PIPELINE_FILE} names the folder {name!r}, which {root} does not have")
+            return path
+
+        if backbone is None:
+            backbone = Backbone.from_pretrained(sub(info.get("backbone", "backbone")))
+        elif not isinstance(backbone, Backbone):
+            rec = json.loads((sub(info.get("backbone", "backbone")) / "config.json").read_text())
+            backbone = Backbone.from_module(
+                backbone, layers=rec.get("layers"), image_size=rec["image_size"], mean=rec["mean"], std=rec["std"],
+                input_size=rec.get("input_size"), class_names=rec.get("class_names"), in_channels=rec.get("in_channels"),
+                module_kwargs=rec.get("model_kwargs"))
+        autoencoder = Autoencoder.from_pretrained(sub(info.get("autoencoder", "autoencoder")))
         cinns = {}
-        for layer, sub in info.get("cinn", {}).items():
-            cinns[layer] = ConditionalINN.from_pretrained(root / sub)
-        concepts = FactorINN.from_pretrained(root / info["concepts"]) if info.get("concepts") else None
+        for layer, folder in info.get("cinn", {}).items():
+            cinns[layer] = ConditionalINN.from_pretrained(sub(folder))
+        concepts = FactorINN.from_pretrained(sub(info["concepts"])) if info.get("concepts") else None
         pipe = cls(backbone, autoencoder, cinns, info, concepts=concepts)
         pipe.root = root
         return pipe.to(device)
@@ -196,6 +222,8 @@ class InvariancePipeline:
             info["concepts"] = "concepts"
         info.update(
             backbone="backbone",
+            backbone_source={"source": self.backbone.source, "arch": self.backbone.arch,
+                             "weights": self.backbone.pretrained or "backbone/model.safetensors"},
             autoencoder="autoencoder",
             cinn={layer: f"cinn/{layer}" for layer in self.cinns},
             image_size=self.image_size,

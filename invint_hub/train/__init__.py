@@ -10,14 +10,17 @@ model.safetensors, model card) and updates ``<output-dir>/pipeline.json``, so af
 commands ``InvariancePipeline.from_pretrained("<output-dir>")`` works. Checkpoints for
 ``--resume`` go to ``<output-dir>/checkpoints/<stage>/step_<n>``; metrics to
 ``<output-dir>/logs/<stage>.jsonl`` (and TensorBoard with ``--log-with tensorboard``).
-``python -m invint_hub.train ...`` runs the same on one process.
+``python -m invint_hub.train ...`` runs the same on one process. From Python, ``train_pipeline(backbone,
+train_set, test_set, output_dir)`` trains the autoencoder and the cINNs for your own classifier and data.
 
 Modules: ``config`` (every default), ``common`` (loop, checkpoints, logs, cards), one per stage
 (``classifier``, ``autoencoder``, ``cinn``, ``concepts``), ``cli`` (``main``). Needs the ``[train]`` extra
 (accelerate, datasets, pyyaml, tqdm).
 """
+from .api import train_pipeline
 from .cli import STAGES, main, parse_args
 from .common import batch_indices
 from .config import concept_settings, load_config, train_settings
 
-__all__ = ["STAGES", "main", "parse_args", "batch_indices", "load_config", "train_settings", "concept_settings"]
+__all__ = ["STAGES", "main", "parse_args", "train_pipeline", "batch_indices", "load_config", "train_settings",
+           "concept_settings"]

@@ -6,9 +6,8 @@ from pathlib import Path
 import torch
 
 from ..autoencoder import Autoencoder, FeaturePerceptualLoss, PatchDiscriminator, adaptive_weight, hinge_d_loss, lpips_loss, psnr
-from ..backbones import Backbone
 from ..hub import write_model_card
-from .common import (command_history, eval_loop, frozen, get_batch, make_dataset, make_optimizer, run_training,
+from .common import (load_backbone, command_history, eval_loop, frozen, get_batch, make_dataset, make_optimizer, run_training,
                      save_component, update_pipeline_json)
 from .config import LATENT_VAR_IMAGES, autoencoder_loss, data_settings, model_settings, train_settings
 
@@ -29,7 +28,7 @@ def train_autoencoder(acc, cfg: dict, args, out: Path):
         perceptual = lpips_loss(lcfg["lpips_weights"]).to(acc.device)
         perceptual_desc = f"LPIPS (alex, local weights {lcfg['lpips_weights']})"
     elif lcfg["perceptual"] == "backbone":
-        backbone = frozen(Backbone.from_pretrained(out / "backbone")).to(acc.device)
+        backbone = frozen(load_backbone(out)).to(acc.device)
         layers = lcfg["perceptual_layers"] or [l for l in backbone.layers if len(backbone.feature_shapes[l]) == 3][:3]
         perceptual = FeaturePerceptualLoss(lambda x: list(backbone.forward_layers(x, layers).values()))
         perceptual_desc = f"normalised feature distance at {', '.join(layers)} of the pipeline's own classifier ({backbone.arch}); LPIPS backbone weights were not available"

@@ -24,7 +24,7 @@ from ..cinn import ConditionalINN
 from ..flows import bits_per_dim, standard_normal_nll
 from ..hub import write_model_card
 from ..pipeline import InvariancePipeline
-from .common import (batch_indices, command_history, eval_loop, frozen, get_batch, make_dataset, make_optimizer,
+from .common import (load_backbone, batch_indices, command_history, eval_loop, frozen, get_batch, make_dataset, make_optimizer,
                      run_training, save_component, saved_config, update_pipeline_json)
 from .config import CARD_SAMPLES, EVAL_SEED, cinn_model_settings, cinn_cache_settings, data_settings, train_settings
 
@@ -35,10 +35,13 @@ class CINNGroup(nn.Module):
     def __init__(self, models: dict[str, ConditionalINN]):
         super().__init__()
         self.layers = list(models)
-        self.models = nn.ModuleDict(models)
+        self.models = nn.ModuleList(models.values())  # (a list: layer names may hold dots, "layer3.1")
+
+    def model(self, layer: str) -> ConditionalINN:
+        return self.models[self.layers.index(layer)]
 
     def forward(self, zbar: torch.Tensor, zs: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {layer: self.models[layer](zbar, zs[layer]) for layer in self.layers}
+        return {layer: m(zbar, zs[layer]) for layer, m in zip(self.layers, self.models)}
 
 
 def train_cinns(acc, cfg: dict, args, out: Path, layers: list[str]) -> dict:
@@ -136,7 +139,7 @@ def _cache_key(out: Path, cfg: dict, args, layers: list[str], dtype: str) -> str
 def train_group(acc, cfg: dict, args, out: Path, layers: list[str]) -> dict:
     t = train_settings(cfg, "cinn", args, layers[0])
     data = data_settings(cfg)
-    backbone = frozen(Backbone.from_pretrained(out / "backbone")).to(acc.device)
+    backbone = frozen(load_backbone(out)).to(acc.device)
     ae = frozen(Autoencoder.from_pretrained(out / "autoencoder")).to(acc.device)
     for layer in layers:
         backbone.check_layer(layer)
@@ -216,7 +219,7 @@ def train_group(acc, cfg: dict, args, out: Path, layers: list[str]) -> dict:
     trained = acc.unwrap_model(group)
     results = {}
     for layer in layers:
-        m = trained.models[layer]
+        m = trained.model(layer)
         save_component(acc, m, out / "cinn" / layer, args)
         results[layer] = {"bpd": ev["bpd"] if single else ev[f"bpd_{layer}"]}
     acc.wait_for_everyone()
@@ -224,7 +227,7 @@ def train_group(acc, cfg: dict, args, out: Path, layers: list[str]) -> dict:
         n_eval = min(t["eval_samples"], len(test_ds))
         xs, _ = get_batch(test_ds, torch.arange(n_eval))
         for layer in layers:
-            m = trained.models[layer].eval()
+            m = trained.model(layer).eval()
             saved = saved_config(out / "cinn" / layer)
             pipe = InvariancePipeline(backbone, ae, {layer: m})
             agree, var = [], []

@@ -6,11 +6,10 @@ import sys
 from pathlib import Path
 
 
-from ..backbones import Backbone
 from .autoencoder import train_autoencoder
 from .cinn import train_cinns
 from .classifier import train_classifier
-from .common import push, write_pipeline_card
+from .common import load_backbone, push, write_pipeline_card
 from .concepts import train_concepts
 from .config import (OUTPUT_ROOT, SAVE_DTYPE, SEED, autoencoder_loss, cinn_layers, load_config, pretrained_settings,
                      train_settings)
@@ -110,7 +109,7 @@ def main(argv=None):
                 raise SystemExit(f"{out}/{needed} not found: train the classifier and autoencoder stages first")
         layers = args.layer or ",".join(cinn_layers(cfg))
         if layers == "all":
-            layers = ",".join(Backbone.from_pretrained(out / "backbone").layers)
+            layers = ",".join(load_backbone(out).layers)
         if not layers:
             raise SystemExit("no layers: pass --layer or list cinn.layers in the config")
         results.update(train_cinns(acc, cfg, args, out, [layer.strip() for layer in layers.split(",")]))

@@ -317,6 +317,18 @@ def frozen(model):
     return model.eval().requires_grad_(False)
 
 
+# Backbones given as objects (train_pipeline): the stages of this process use them instead of rebuilding them from
+# <output-dir>/backbone, which for a module of your own needs its class importable and its constructor arguments.
+BACKBONES: dict = {}  # resolved output dir -> Backbone
+
+
+def load_backbone(out: Path):
+    """The pipeline folder's backbone: the object ``train_pipeline`` registered for it, else the saved one."""
+    from ..backbones import Backbone
+
+    return BACKBONES.get(str(Path(out).resolve())) or Backbone.from_pretrained(Path(out) / "backbone")
+
+
 # ---------------------------------------------------------------------------------------
 # the pipeline folder: saved models, pipeline.json, model cards, Hub upload
 # ---------------------------------------------------------------------------------------
