@@ -79,3 +79,17 @@ def test_config_mistakes_name_the_key_and_the_file(saved):
     cfg_path.unlink()
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         ConditionalINN.from_pretrained(folder)
+
+
+def test_every_embedded_weights_file_records_its_sha256_and_matches_it():
+    from safetensors import safe_open
+
+    from invint_hub.hub import read_safetensors
+    from invint_hub.pipeline import PRETRAINED_DIR
+
+    files = sorted(PRETRAINED_DIR.rglob("model.safetensors"))
+    assert len(files) >= 13
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            assert len((h.metadata() or {}).get("sha256", "")) == 64, f
+        read_safetensors(f)  # raises if the data does not hash to it
