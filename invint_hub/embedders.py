@@ -34,25 +34,39 @@ class DenseEmbedder(nn.Module):
 
 
 class ConvEmbedder(nn.Module):
-    """Spatial features (B, C, H, W) -> (B, out_dim): ``n_down`` strided 4x4 convs, then a dense conv."""
+    """Spatial features (B, C, H, W) -> (B, out_dim): ``n_down`` strided 4x4 convs, then a dense conv.
 
-    def __init__(self, in_channels: int, spatial_size: int, out_dim: int, n_down: int | None = None, width: int = 64):
+    ``spatial_size`` is the side of a square map, or ``(H, W)``; by default the convs halve the map until its
+    larger side is at most 4.
+    """
+
+    def __init__(self, in_channels: int, spatial_size: int | tuple[int, int], out_dim: int, n_down: int | None = None,
+                 width: int = 64):
         super().__init__()
+        h, w = (spatial_size, spatial_size) if isinstance(spatial_size, int) else tuple(spatial_size)
         if n_down is None:  # downsample until the map is at most 4x4
-            n_down, s = 0, spatial_size
+            n_down, s = 0, max(h, w)
             while s > 4:
                 s, n_down = (s - 2) // 2 + 1, n_down + 1
-        final = spatial_size
-        for _ in range(n_down):
-            final = (final - 2) // 2 + 1  # 4x4 conv, stride 2, padding 1
-        if final < 1:
-            raise ValueError(f"{n_down} stride-2 convs shrink a {spatial_size}x{spatial_size} map to nothing")
+        # each conv halves a side that is still larger than 4 (4x4 kernel, stride 2, padding 1) and keeps a side
+        # that is not (3-wide kernel, stride 1): a square map takes 4x4 stride-2 convs throughout
         layers: list[nn.Module] = []
         c = in_channels
         for s in range(n_down):
             c_out = width * min(2**s, 16)
-            layers += [nn.Conv2d(c, c_out, 4, stride=2, padding=1, bias=False), ActNorm(c_out), nn.LeakyReLU(0.2)]
+            kernel, stride = [], []
+            for side in (h, w):
+                halve = side > 4 or h == w
+                kernel.append(4 if halve else 3)
+                stride.append(2 if halve else 1)
+            h, w = ((h - 2) // 2 + 1 if stride[0] == 2 else h), ((w - 2) // 2 + 1 if stride[1] == 2 else w)
+            k = kernel[0] if kernel[0] == kernel[1] else tuple(kernel)
+            st = stride[0] if stride[0] == stride[1] else tuple(stride)
+            layers += [nn.Conv2d(c, c_out, k, stride=st, padding=1, bias=False), ActNorm(c_out), nn.LeakyReLU(0.2)]
             c = c_out
+        final = (h, w) if h != w else h
+        if min(h, w) < 1:
+            raise ValueError(f"{n_down} stride-2 convs shrink the map to nothing")
         layers.append(nn.Conv2d(c, out_dim, final))
         self.net = nn.Sequential(*layers)
 
@@ -79,7 +93,7 @@ class TokenEmbedder(nn.Module):
 
 def make_embedder(cond_shape, out_dim: int, depth: int = 3, n_down: int | None = None, width: int = 64) -> nn.Module:
     """The embedder for a representation of shape ``[C]``, tokens ``[N, C]`` or ``[C, H, W]``: dense for flat (or
-    1x1) features, a per-token projection for tokens, strided convs for square maps. ``ValueError`` otherwise."""
+    1x1) features, a per-token projection for tokens, strided convs for maps. ``ValueError`` otherwise."""
     cond_shape = tuple(int(c) for c in cond_shape)
     if len(cond_shape) not in (1, 2, 3):
         raise ValueError(f"cond_shape must be [C], [N, C] (tokens) or [C, H, W], got {list(cond_shape)}")
@@ -87,6 +101,4 @@ def make_embedder(cond_shape, out_dim: int, depth: int = 3, n_down: int | None =
         return TokenEmbedder(cond_shape[0], cond_shape[1], out_dim, depth)
     if len(cond_shape) == 1 or cond_shape[1] * cond_shape[2] == 1:
         return DenseEmbedder(math.prod(cond_shape), out_dim, depth)
-    if cond_shape[1] != cond_shape[2]:
-        raise ValueError(f"spatial conditions must be square, got {list(cond_shape)}")
-    return ConvEmbedder(cond_shape[0], cond_shape[1], out_dim, n_down, width)
+    return ConvEmbedder(cond_shape[0], cond_shape[1:], out_dim, n_down, width)
