@@ -65,12 +65,15 @@ def load_image(value: Any) -> Image.Image:
         if shown is None or not isinstance(value, (str, Path)):
             raise
         raise ValueError(str(e).replace(str(value), str(shown))) from None
+    frames = int(getattr(img, "n_frames", 1) or 1)
     if getattr(img, "is_animated", False):
         img.seek(0)
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:  # a broken EXIF block is no reason to refuse the pixels
         pass
+    if frames > 1:
+        img.info["frames"] = frames  # exif_transpose returns a copy without n_frames (for upload_notices)
     return img
 
 
@@ -223,7 +226,7 @@ def upload_notices(img: Image.Image, channels: int, image_size: int, cropped: bo
         notes.append("floating-point values stretched to 0..255")
     elif mode == "CMYK":
         notes.append("CMYK converted to RGB")
-    frames = getattr(img, "n_frames", 1)
+    frames = max(int(getattr(img, "n_frames", 1) or 1), int(img.info.get("frames", 1)))
     if frames > 1:
         notes.append(f"animated: only the first of {frames} frames is used")
     if channels == 1 and mode not in ("L", "LA", "1", "I;16", "I;16B", "I;16L", "I", "F"):
