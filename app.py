@@ -148,7 +148,7 @@ class SpaceApp:
         if not ood or score is None:
             return ""
         c = pipe.ood
-        return (f"⚠️ **Out of domain: this model understands {pipe.domain}.** This input's reconstruction error "
+        return (f"⚠️ **Out of domain.** This model understands {pipe.domain}. This input's reconstruction error "
                 f"{score:.3f} is above the threshold {c['threshold']:.3f} (exceeded by {100 * c['test_rate']:.0f}% of test "
                 "images), so the prediction and samples say little about it.")
 

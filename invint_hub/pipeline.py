@@ -378,12 +378,19 @@ class InvariancePipeline:
     def variance_explained(
         self, images: ImageLike, layer: str, n: int = 32, temperature: float = 1.0, seed: int | None = 0
     ) -> torch.Tensor:
-        """Share of z_bar's variance explained by v, per image: (B,) in [0, 1] (ideally).
+        """Share of z_bar's variance explained by v, per image: (B,), unclipped.
 
         sum_d Var_v[t^-1(v | z)_d] / sum_d Var_data[z_bar_d]: near 0 when z fixes the latent
         (the layer keeps everything), near 1 when z says nothing about it. The data
         variance is the one the autoencoder recorded after training; if it recorded none,
         the variance over the whole batch of samples is used (needs more than one image).
+
+        Averaged over data, the true ratio is at most 1 (Var_data = E_z Var[z_bar | z] + Var_z E[z_bar | z]), but for
+        one image it is not bounded: the n-sample variance is an estimate, and a representation unlike the training
+        data (an out-of-domain input, a temperature above 1) can let the cINN spread wider than the data does. This
+        method returns the ratio as estimated (means over images stay unbiased); the views (``interpret``,
+        ``layer_sweep``) report it clipped to [0, 1] as ``variance_explained`` and unclipped as ``variance_ratio``,
+        and the Space says when it clipped.
         """
         if n < 2:
             raise ValueError(f"need n >= 2 samples to estimate a variance, got {n}")
