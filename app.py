@@ -136,8 +136,59 @@ class SpaceApp:
         classes = ", ".join(names[:10]) + (f", … ({len(names)} classes)" if len(names) > 10 else "")
         return (
             f"**{e.label}** · data `{p.info.get('dataset', '?')}` · images {p.channels}×{p.image_size}×{p.image_size} · "
-            f"classifier `{p.backbone.arch}` · layers {' → '.join(f'`{l}`' for l in p.layers)} · classes: {classes}"
+            f"classifier `{p.backbone.arch}` · layers {' → '.join(f'`{l}`' for l in p.layers)} · classes: {classes}  \n"
+            f"**Understands:** {p.domain}. Other images get an out-of-domain warning"
+            + (" (calibrated)." if p.ood else " only once the pipeline is calibrated (eval/ood_calibration.py).")
         )
+
+    # --- honesty: what was done to an upload, and whether it is in the model's domain ---------------
+    @staticmethod
+    def domain_warning(pipe, score: float | None, ood: bool | None) -> str:
+        """A visible warning when the measured domain score is above the calibrated threshold, else ''."""
+        if not ood or score is None:
+            return ""
+        c = pipe.ood
+        return (f"⚠️ **Out of domain.** This model understands {pipe.domain}. This input's reconstruction error "
+                f"{score:.3f} is above the threshold {c['threshold']:.3f} (exceeded by {100 * c['test_rate']:.0f}% of test "
+                "images), so the prediction and samples say little about it.")
+
+    def check_uploads(self, model: str, convert: bool, *images: Any) -> str:
+        """Markdown for the uploads of one tab: a one-line notice of what reading each did to it, and the
+        out-of-domain warning (the score of the model input, after the tab's conversion); '' when nothing to say."""
+        e = self.registry.get(model)
+        pipe = e.pipe
+        lines = []
+        named = len(images) > 1
+        for k, value in enumerate(images):
+            if value is None:
+                continue
+            img = self._image(value)
+            x, _ = space.prepare_input(pipe, img, convert=bool(convert), domain=e.domain)
+            converted = bool(convert) and e.domain != "photo"
+            notes = space.upload_notices(img, pipe.channels, pipe.image_size, cropped=not converted)
+            tag = f"Image {'ABC'[k] if k < 3 else k + 1}: " if named else ""
+            if pipe.ood is not None:
+                score = float(pipe.domain_score(x)[0])
+                warn = self.domain_warning(pipe, score, bool(pipe.out_of_domain(x, torch.tensor([score]))[0]))
+                if warn:
+                    lines.append(tag + warn)
+            if notes:
+                lines.append(f"ℹ️ {tag}{img.width}x{img.height} {img.mode}: " + "; ".join(notes) + ".")
+        return "  \n".join(lines)
+
+    @staticmethod
+    def _variance_note(ratios: dict[str, float | None]) -> str:
+        over = {l: r for l, r in ratios.items() if r is not None and r > 1}
+        if not over:
+            return ""
+        return ("Variance explained is shown clipped at 100%: at " + ", ".join(f"`{l}` the samples spread "
+                f"{100 * r:.0f}%" for l, r in over.items()) + " of the code's data variance (an estimate from few samples; "
+                "a representation unlike the training data can let the cINN spread wider than the data does).")
+
+    @staticmethod
+    def _cosine_line(layer: str, cos: float | None, ref: float | None) -> str:
+        return (f"`{layer}`: re-encoding cosine cos(Φ(sample), Φ(x)) **{cos:.2f}**"
+                + (f" (random pairs of test images: {ref:.2f})" if ref is not None else " (no random-pair reference recorded)"))
 
     def default_layer(self, name: str | None) -> str:
         layers = self.registry.get(name).pipe.layers  # type: ignore[union-attr]
@@ -203,7 +254,13 @@ class SpaceApp:
             f"(0% = the layer pins the image down, 100% = it keeps nothing of it); **{_pct(r.class_agreement)}** of the "
             f"{len(gallery)} samples are classified as **{cls}**, like the input.  \n<small>Input: {note}.</small>"
         )
-        return (space.tensor_images(r.x)[0], space.tensor_images(r.recon)[0], self._label(pipe, r.probs), gallery, summary)
+        extra = "  \n".join(t for t in (
+            self.domain_warning(pipe, r.domain_score, r.out_of_domain),
+            self._cosine_line(layer, r.reencode_cosine, r.random_pair_cosine)
+            + " — how much of x's representation the samples keep (1 = all of it)",
+            self._variance_note({layer: r.variance_ratio})) if t)
+        return (space.tensor_images(r.x)[0], space.tensor_images(r.recon)[0], self._label(pipe, r.probs), gallery, summary,
+                extra)
 
     def sweep(self, model: str, source: str, image: Any, sketch: Any, convert: bool,
               n: float, temperature: float, seed: float):
@@ -229,8 +286,15 @@ class SpaceApp:
             f"layer (percentages: variance of the autoencoder code explained by v). Orange frames: samples the classifier "
             f"does not put in class **{space.class_name(pipe, cls)}**.  \n<small>Input: {note}.</small>"
         )
+        extra = "  \n".join(t for t in (
+            self.domain_warning(pipe, s.domain_score, s.out_of_domain),
+            "Re-encoding cosine cos(Φ_L(sample), Φ_L(x)) per layer, with the random-pair reference: "
+            + "; ".join(f"`{l}` **{s.reencode_cosine[l]:.2f}**"
+                        + (f" (random {s.random_pair_cosine[l]:.2f})" if s.random_pair_cosine[l] is not None else "")
+                        for l in layers),
+            self._variance_note(s.variance_ratio)) if t)
         return (space.tensor_images(s.x)[0], space.tensor_images(s.recon)[0], self._label(pipe, s.probs), grid,
-                var, agree, summary)
+                var, agree, summary, extra)
 
     # --- Mix ------------------------------------------------------------------------------
     def mix(self, model: str, image_a: Any, image_b: Any, convert: bool):
@@ -261,7 +325,7 @@ class SpaceApp:
         with self.registry.use(model) as e:
             pipe = e.pipe
             x, _ = space.prepare_input(pipe, self._image(image), convert=convert, domain=e.domain)
-            a = pipe.attack(x, eps, seed)
+            a = pipe.attack(x, eps, seed, n=8)
         layers = pipe.layers
         name = functools.partial(space.class_name, pipe)
         preds = a.probs.argmax(1).tolist()
@@ -287,8 +351,20 @@ class SpaceApp:
             "the layer's representation changed shows. Orange frames: class differs from the original prediction."
         )
         imgs = space.tensor_images(a.x)
+        v_grids = []
+        for samples, spred in ((a.samples_clean, a.sample_pred_clean), (a.samples_attacked, a.sample_pred_attacked)):
+            v_grids.append(space.compose_grid(
+                [list(samples[l]) for l in layers], layers,  # the same row labels: the two grids line up
+                [f"v{j + 1}" for j in range(len(samples[layers[0]]))],
+                [[name(c) for c in spred[l]] for l in layers], cell=56,
+                highlight=[[c != preds[0] for c in spred[l]] for l in layers]))
+        extra = "  \n".join(t for t in (
+            self.domain_warning(pipe, a.domain_score, a.out_of_domain),
+            f"**v samples**: the same {len(a.samples_clean[layers[0]])} invariance samples v (seed {int(seed)}) decoded "
+            "with each layer's z of the clean image (left) and of the FGSM image (right): D(t⁻¹(v | Φ_L(.))). Orange "
+            "frames: class differs from the original prediction.") if t)
         return (imgs[0], imgs[1], imgs[2], self._label(pipe, a.probs[0]), self._label(pipe, a.probs[1]),
-                self._label(pipe, a.probs[2]), grid, summary)
+                self._label(pipe, a.probs[2]), grid, summary, v_grids[0], v_grids[1], extra)
 
     # --- Concepts ---------------------------------------------------------------------------
     def concept_intro(self, name: str | None) -> str:
@@ -418,6 +494,7 @@ def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concur
                                                       format="png", height=320, elem_id="sketch")
                         convert = gr.Checkbox(value=is_digit, label="Convert to the model's domain", info=convert_help,
                                               visible=is_digit)
+                        interp_check = gr.Markdown(elem_id="interpret-check")
                         examples = gr.Dataset(components=[gr.Image(visible=False, format="png")], samples=ex,
                                               type="index", label="Examples (click to run)",
                                               samples_per_page=12, layout="gallery", elem_id="interpret-examples")
@@ -438,6 +515,7 @@ def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concur
                                              interactive=False, elem_classes="pixelated", buttons=[])
                             top = gr.Label(num_top_classes=5, label="Prediction (top 5)")
                         summary = gr.Markdown(elem_id="summary")
+                        interp_extra = gr.Markdown(elem_id="interpret-extra")
                         gr.Markdown("**Samples** D(t⁻¹(v | z)) with v ~ N(0, T²I); captions: the classifier's prediction",
                                     elem_id="samples-title")
                         gallery = gr.Gallery(label="Samples", show_label=False, columns=8, height=None, format="png",
@@ -445,6 +523,7 @@ def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concur
                                              elem_id="samples", elem_classes="pixelated", allow_preview=True)
                 with gr.Accordion("Layer sweep: every layer, the same v (click \"Layer sweep\")", open=False) as sweep_box:
                     sweep_md = gr.Markdown()
+                    sweep_extra = gr.Markdown(elem_id="sweep-extra")
                     sweep_img = ResultImage("Layer sweep", "sweep")
                     with gr.Row():
                         var_plot = gr.BarPlot(x="layer", y="variance explained by v (%)", sort=layers, y_lim=[0, 100],
@@ -466,6 +545,7 @@ def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concur
                                                   info=convert_help, visible=is_digit)
                         run_mix = gr.Button("Mix", variant="primary", elem_id="run-mix")
                         mix_examples = PairExamples(pairs, "mix-examples")
+                mix_check = gr.Markdown(elem_id="mix-check")
                 mix_md = gr.Markdown()
                 mix_img = ResultImage("Mixed decodes per layer", "mix-grid")
 
@@ -481,6 +561,7 @@ def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concur
                                                   info=convert_help, visible=is_digit)
                         eps = gr.Slider(0.0, 1.0, value=0.3, step=0.01, label="ε (on the [-1, 1] image scale)",
                                         info="small nets on 32 px digits need more than the paper's 0.02 (ResNet-101)")
+                        adv_check = gr.Markdown(elem_id="adv-check")
                         adv_seed = gr.Number(0, precision=0, minimum=0, label="Noise seed")
                         run_adv = gr.Button("Attack", variant="primary", elem_id="run-attack")
                         adv_examples = gr.Dataset(components=[gr.Image(visible=False, format="png")], samples=ex,
@@ -500,6 +581,10 @@ def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concur
                             lab_noise = gr.Label(num_top_classes=3, label="After noise")
                         adv_md = gr.Markdown(elem_id="adv-summary")
                         adv_img = ResultImage("What each layer sees", "adv-grid")
+                        adv_extra = gr.Markdown(elem_id="adv-extra")
+                        with gr.Row():
+                            adv_v_clean = ResultImage("v samples with the clean z", "adv-v-clean")
+                            adv_v_att = ResultImage("v samples with the FGSM z", "adv-v-attacked")
 
             # ---------------------------------------------------------------- Concepts
             with gr.Tab("Concepts", id="concepts"):
@@ -518,6 +603,7 @@ def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concur
                                              info="0 = the target as it is, 1 = the source's value of the concept")
                         run_transfer = gr.Button("Transfer concepts", variant="primary", elem_id="run-transfer")
                         c_pairs = PairExamples(pairs, "concept-examples")
+                transfer_check = gr.Markdown(elem_id="transfer-check")
                 transfer_md = gr.Markdown()
                 transfer_img = ResultImage("Concept transfer", "transfer-grid")
                 gr.Markdown("### Edit: move the image along each concept")
@@ -530,6 +616,7 @@ def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concur
                                                label=slider_names[i] if i < len(slider_names) else f"concept {i}",
                                                visible=i < len(slider_names), elem_id=f"concept-slider-{i}")
                                      for i in range(MAX_CONCEPT_SLIDERS)]
+                        edit_check = gr.Markdown(elem_id="edit-check")
                         c_seed = gr.Number(0, precision=0, minimum=0, label="Direction seed",
                                            info="each concept moves along a seeded direction inside its factor")
                         run_edit = gr.Button("Edit", variant="primary", elem_id="run-edit")
@@ -554,9 +641,9 @@ def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concur
         dice.click(lambda: random.randint(0, 2**31 - 1), None, seed, queue=False, api_visibility="private")
 
         interp_in = [model, source, image, sketch, convert, layer, n, temperature, seed]
-        interp_out = [model_in, recon, top, gallery, summary]
+        interp_out = [model_in, recon, top, gallery, summary, interp_extra]
         sweep_in = [model, source, image, sketch, convert, n, temperature, seed]
-        sweep_out = [model_in, recon, top, sweep_img, var_plot, agree_plot, sweep_md]
+        sweep_out = [model_in, recon, top, sweep_img, var_plot, agree_plot, sweep_md, sweep_extra]
         run.click(ui_errors(app.interpret), interp_in, interp_out, api_name="interpret", **go)
         sweep_ui = ui_errors(app.sweep)
 
@@ -565,9 +652,21 @@ def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concur
 
         run_sweep.click(sweep_and_open, sweep_in, sweep_out + [sweep_box], api_name="layer_sweep", **go)
         attack_in = [model, adv_image, adv_convert, eps, adv_seed]
-        attack_out = [adv_orig, adv_att, adv_noise, lab_orig, lab_att, lab_noise, adv_img, adv_md]
+        attack_out = [adv_orig, adv_att, adv_noise, lab_orig, lab_att, lab_noise, adv_img, adv_md, adv_v_clean, adv_v_att,
+                      adv_extra]
         run_adv.click(ui_errors(app.attack), attack_in, attack_out, api_name="adversarial", **go)
         run_mix.click(ui_errors(app.mix), [model, img_a, img_b, mix_convert], [mix_img, mix_md], api_name="mix", **go)
+
+        # what was done to each upload, and the out-of-domain warning, as soon as it arrives
+        check = ui_errors(app.check_uploads)
+        for comps, target in (([convert, image], interp_check), ([mix_convert, img_a, img_b], mix_check),
+                              ([adv_convert, adv_image], adv_check)):
+            for c in comps:
+                c.change(check, [model] + comps, target, api_visibility="private", queue=False)
+        no_convert = gr.State(False)
+        for comps, target in (([c_target, c_source], transfer_check), ([c_image], edit_check)):
+            for c in comps:
+                c.change(check, [model, no_convert] + comps, target, api_visibility="private", queue=False)
 
         pick = ui_errors(app.example_image)
         (examples.click(lambda m, i: (pick(m, i), "upload", gr.Tabs(selected="upload")), [model, examples],

@@ -77,8 +77,14 @@ class Interpretation:
     recon: torch.Tensor  # (1, C, S, S) D(E(x))
     samples: torch.Tensor  # (n, C, S, S)
     sample_pred: torch.Tensor  # (n,) classes of the samples
-    variance_explained: float | None  # share of z_bar's data variance the samples span (None: unknown)
+    variance_explained: float | None  # share of z_bar's data variance the samples span, clipped to [0, 1] (None: unknown)
     class_agreement: float  # share of samples classified like x
+    variance_ratio: float | None = None  # the same ratio unclipped (> 1: the samples spread more than the data does)
+    reencode_cosine: float | None = None  # mean cos(Phi_L(sample), Phi_L(x)) over the samples
+    reencode_cosines: torch.Tensor | None = None  # (n,) per sample
+    random_pair_cosine: float | None = None  # reference: mean cosine of random pairs of test images at the layer
+    domain_score: float | None = None  # InvariancePipeline.domain_score of x
+    out_of_domain: bool | None = None  # domain_score above the calibrated threshold (None: no calibration)
 
 
 @dataclass
@@ -90,8 +96,13 @@ class LayerSweep:
     recon: torch.Tensor  # (1, C, S, S)
     samples: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (n, C, S, S)
     sample_pred: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (n,)
-    variance_explained: dict[str, float | None] = field(default_factory=dict)
+    variance_explained: dict[str, float | None] = field(default_factory=dict)  # clipped to [0, 1]
     class_agreement: dict[str, float] = field(default_factory=dict)
+    variance_ratio: dict[str, float | None] = field(default_factory=dict)  # unclipped
+    reencode_cosine: dict[str, float] = field(default_factory=dict)  # mean cos(Phi_L(sample), Phi_L(x))
+    random_pair_cosine: dict[str, float | None] = field(default_factory=dict)  # reference per layer
+    domain_score: float | None = None
+    out_of_domain: bool | None = None
 
 
 @dataclass
@@ -118,6 +129,13 @@ class Attack:
     recon_pred: list[int]  # classes of the reconstructions
     seen: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (3, C, S, S): D(t^-1(v_orig | Phi_L(.)))
     seen_pred: dict[str, list[int]] = field(default_factory=dict)
+    # v-sample grids: the same n samples v ~ N(0, T^2 I) decoded with the clean z and with the FGSM z, per layer
+    samples_clean: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (n, C, S, S)
+    samples_attacked: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (n, C, S, S)
+    sample_pred_clean: dict[str, list[int]] = field(default_factory=dict)
+    sample_pred_attacked: dict[str, list[int]] = field(default_factory=dict)
+    domain_score: float | None = None  # of the original image
+    out_of_domain: bool | None = None
 
 
 def _sampling(n, temperature, seed) -> tuple[int, float, int]:
@@ -360,12 +378,19 @@ class InvariancePipeline:
     def variance_explained(
         self, images: ImageLike, layer: str, n: int = 32, temperature: float = 1.0, seed: int | None = 0
     ) -> torch.Tensor:
-        """Share of z_bar's variance explained by v, per image: (B,) in [0, 1] (ideally).
+        """Share of z_bar's variance explained by v, per image: (B,), unclipped.
 
         sum_d Var_v[t^-1(v | z)_d] / sum_d Var_data[z_bar_d]: near 0 when z fixes the latent
         (the layer keeps everything), near 1 when z says nothing about it. The data
         variance is the one the autoencoder recorded after training; if it recorded none,
         the variance over the whole batch of samples is used (needs more than one image).
+
+        Averaged over data, the true ratio is at most 1 (Var_data = E_z Var[z_bar | z] + Var_z E[z_bar | z]), but for
+        one image it is not bounded: the n-sample variance is an estimate, and a representation unlike the training
+        data (an out-of-domain input, a temperature above 1) can let the cINN spread wider than the data does. This
+        method returns the ratio as estimated (means over images stay unbiased); the views (``interpret``,
+        ``layer_sweep``) report it clipped to [0, 1] as ``variance_explained`` and unclipped as ``variance_ratio``,
+        and the Space says when it clipped.
         """
         if n < 2:
             raise ValueError(f"need n >= 2 samples to estimate a variance, got {n}")
@@ -394,6 +419,78 @@ class InvariancePipeline:
         pred_s = self.backbone(samples).argmax(1).view(x.shape[0], n)
         return (pred_s == pred[:, None]).float().mean(1)
 
+    # --- domain: what inputs the pipeline understands, and a measured out-of-domain check ---------
+    @property
+    def domain(self) -> str:
+        """What inputs the pipeline understands, in plain words (``pipeline.json`` ``"domain"``; a generic
+        sentence from the dataset name and image size if it has none)."""
+        text = self.info.get("domain")
+        if text:
+            return str(text)
+        return (f"images like the {self.info.get('dataset', 'training')} data it was trained on "
+                f"({self.channels}x{self.image_size}px)")
+
+    @property
+    def ood(self) -> dict | None:
+        """The out-of-domain calibration stored in ``pipeline.json`` ``"ood"`` (written by
+        ``eval/ood_calibration.py``), or None when the pipeline has none."""
+        ood = self.info.get("ood")
+        return dict(ood) if isinstance(ood, dict) and "threshold" in ood else None
+
+    @torch.no_grad()
+    def domain_score(self, images: ImageLike, batch_size: int = 512) -> torch.Tensor:
+        """Out-of-domain score per image: (B,) float, higher = farther from the training data.
+
+        The autoencoder's reconstruction error: the mean over pixels of the per-pixel error norm
+        sqrt(mean_c (x - D(E(x)))_c^2), on the [-1, 1] scale. The autoencoder was trained to reproduce the
+        training images only, so inputs unlike them (photos for a digit model) come back blurred into something
+        it knows. (Of the variants measured by ``eval/ood_calibration.py``'s author, mean squared error, max of
+        pooled errors and the Mahalanobis distance of E(x), this one separated photos from test images best.)
+        ``out_of_domain`` compares it with the threshold calibrated on the test split.
+        """
+        x = self.preprocess(images)
+        out = []
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i : i + batch_size]
+            err = (self.autoencoder.decode(self.autoencoder.encode(xb).mode()) - xb).pow(2).mean(1).sqrt()
+            out.append(err.flatten(1).mean(1))
+        return torch.cat(out).float()
+
+    def out_of_domain(self, images: ImageLike, score: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) bool: ``domain_score`` above the calibrated threshold (``pipeline.json`` ``"ood"``).
+
+        Raises ``ValueError`` when the pipeline has no calibration (run ``eval/ood_calibration.py``).
+        """
+        ood = self.ood
+        if ood is None:
+            raise ValueError("this pipeline has no out-of-domain calibration; run eval/ood_calibration.py on it")
+        if score is None:
+            score = self.domain_score(images)
+        return score > float(ood["threshold"])
+
+    def random_pair_cosine(self, layer: str) -> float | None:
+        """Mean cosine between the ``layer`` representations of random pairs of test images (``pipeline.json``
+        ``"random_pair_cosine"``, written by ``eval/ood_calibration.py``): the reference for the re-encoding
+        cosine of the views. None when not recorded."""
+        ref = self.info.get("random_pair_cosine", {})
+        value = ref.get("layers", {}).get(layer) if isinstance(ref, dict) else None
+        return None if value is None else float(value)
+
+    def _domain_check(self, x: torch.Tensor, recon: torch.Tensor) -> tuple[float, bool | None]:
+        """``domain_score`` of one image from its reconstruction (already computed by a view), and the verdict."""
+        score = float((recon[:1] - x[:1]).pow(2).mean(1).sqrt().flatten(1).mean(1)[0])
+        ood = self.ood
+        return score, None if ood is None else score > float(ood["threshold"])
+
+    @staticmethod
+    def _clip_share(share: float | None) -> float | None:
+        return None if share is None else min(max(share, 0.0), 1.0)
+
+    @staticmethod
+    def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Cosine similarity of flattened representations, (N, ...) x (N or 1, ...) -> (N,)."""
+        return torch.nn.functional.cosine_similarity(a.flatten(1).double(), b.flatten(1).double(), dim=1, eps=1e-12)
+
     # --- batched views: everything one UI request shows, one pass through each network ---------
     def _one_image(self, images: ImageLike, what: str) -> torch.Tensor:
         x = self.preprocess(images)
@@ -420,11 +517,16 @@ class InvariancePipeline:
         zbar = t.sample(feats[layer], n, temperature, self._generator(seed))
         dec = self.decode(torch.cat([self.autoencoder.encode(x).mode(), zbar]))
         recon, samples = dec[:1], dec[1:]
-        sample_pred = self.backbone(samples).argmax(1)
+        fs = self.backbone.forward_layers(samples, [layer, logits_layer])
+        sample_pred = fs[logits_layer].argmax(1)
         agreement = float((sample_pred == probs.argmax()).float().mean())
         share = self._variance_share(zbar[None])
-        return Interpretation(layer, x, probs, recon, samples, sample_pred, None if share is None else float(share[0]),
-                              agreement)
+        ratio = None if share is None else float(share[0])
+        cos = self._cosine(fs[layer], feats[layer]).float()
+        score, ood = self._domain_check(x, recon)
+        return Interpretation(layer, x, probs, recon, samples, sample_pred, self._clip_share(ratio), agreement,
+                              variance_ratio=ratio, reencode_cosine=float(cos.mean()), reencode_cosines=cos,
+                              random_pair_cosine=self.random_pair_cosine(layer), domain_score=score, out_of_domain=ood)
 
     @torch.inference_mode()
     def layer_sweep(self, image: ImageLike, n: int = 8, temperature: float = 1.0, seed: int = 0) -> LayerSweep:
@@ -436,15 +538,21 @@ class InvariancePipeline:
         probs = feats[self.backbone.logits_layer].softmax(1)[0]
         zbars = [self.cinns[l].sample(feats[l], n, temperature, self._generator(seed)) for l in layers]
         dec = self.decode(torch.cat([zbar] + zbars))
-        preds = self.backbone(dec[1:]).argmax(1)
+        fs = self.backbone.forward_layers(dec[1:], layers + [self.backbone.logits_layer])
+        preds = fs[self.backbone.logits_layer].argmax(1)
         cls = probs.argmax()
         out = LayerSweep(x, probs, dec[:1])
+        out.domain_score, out.out_of_domain = self._domain_check(x, dec[:1])
         for i, l in enumerate(layers):
+            rows = slice(i * n, (i + 1) * n)
             out.samples[l] = dec[1 + i * n : 1 + (i + 1) * n]
-            out.sample_pred[l] = preds[i * n : (i + 1) * n]
+            out.sample_pred[l] = preds[rows]
             out.class_agreement[l] = float((out.sample_pred[l] == cls).float().mean())
             share = self._variance_share(zbars[i][None])
-            out.variance_explained[l] = None if share is None else float(share[0])
+            out.variance_ratio[l] = None if share is None else float(share[0])
+            out.variance_explained[l] = self._clip_share(out.variance_ratio[l])
+            out.reencode_cosine[l] = float(self._cosine(fs[l][rows], feats[l]).mean())
+            out.random_pair_cosine[l] = self.random_pair_cosine(l)
         return out
 
     @torch.inference_mode()
@@ -465,13 +573,18 @@ class InvariancePipeline:
         return out
 
     @torch.inference_mode()
-    def attack(self, image: ImageLike, eps: float = 0.1, seed: int = 0) -> Attack:
+    def attack(self, image: ImageLike, eps: float = 0.1, seed: int = 0, n: int = 8, temperature: float = 1.0) -> Attack:
         """FGSM (``attacks.fgsm``) and seeded random sign noise of the same ``eps`` (on the [-1, 1] scale), and
-        what each layer sees of them: D(t^-1(v_orig | Phi_L(.))) with the original image's invariances."""
+        what each layer sees of them: D(t^-1(v_orig | Phi_L(.))) with the original image's invariances; plus, per
+        layer, ``n`` samples v ~ N(0, temperature^2 I) (seeded with ``seed``) decoded with the clean image's z and
+        with the FGSM image's z (the same v in both grids; ``n=0``: no grids)."""
         try:
             eps, seed = float(eps), int(seed)
+            n, temperature = int(n), float(temperature)
         except (TypeError, ValueError):
-            raise ValueError("eps and seed must be numbers") from None
+            raise ValueError("eps, seed, samples and temperature must be numbers") from None
+        if n < 0 or not (0.0 <= temperature < math.inf):
+            raise ValueError(f"samples must be >= 0 and temperature a finite number >= 0, got {n} and {temperature}")
         if not (0.0 <= eps <= 2.0):
             raise ValueError(f"eps must be between 0 and 2 (images are in [-1, 1]), got {eps}")
         if seed < 0:
@@ -479,16 +592,26 @@ class InvariancePipeline:
         x = self._one_image(image, "attack")
         xs = torch.cat([x, fgsm(self.backbone, x, eps), sign_noise(x, eps, seed)])
         feats, zbar = self._codes(xs)
-        seen = []
+        seen, grids = [], []
         for l in self.layers:
             v_orig = self.cinns[l](zbar[:1], feats[l][:1])[0]
             seen.append(self._invert(l, v_orig.expand(3, -1), feats[l]))
-        dec = self.decode(torch.cat([zbar] + seen))
+            if n:
+                # drawn as ConditionalINN.sample draws them: the clean grid is interpret(image, l, n, T, seed)'s samples
+                v = temperature * torch.randn(n, self.autoencoder.latent_dim, generator=self._generator(seed)).to(zbar)
+                grids.append(self._invert(l, v.repeat(2, 1), feats[l][:2].repeat_interleave(n, 0)))
+        dec = self.decode(torch.cat([zbar] + seen + grids))
         preds = self.backbone(dec).argmax(1).tolist()
         out = Attack(eps, xs, feats[self.backbone.logits_layer].softmax(1), dec[:3], preds[:3])
+        out.domain_score, out.out_of_domain = self._domain_check(xs, dec[:1])
+        g0 = 3 + 3 * len(self.layers)
         for i, l in enumerate(self.layers):
             out.seen[l] = dec[3 + 3 * i : 6 + 3 * i]
             out.seen_pred[l] = preds[3 + 3 * i : 6 + 3 * i]
+            if n:
+                a = g0 + 2 * n * i
+                out.samples_clean[l], out.samples_attacked[l] = dec[a : a + n], dec[a + n : a + 2 * n]
+                out.sample_pred_clean[l], out.sample_pred_attacked[l] = preds[a : a + n], preds[a + n : a + 2 * n]
         return out
 
     # --- concepts (the interpretation INN e; see invint_hub.concepts) ---------------------

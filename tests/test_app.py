@@ -234,7 +234,7 @@ def test_an_upload_is_decoded_once(space_app, registry, example, monkeypatch):
     img = app.SafeImage(render=False).preprocess({"path": example, "meta": {"_type": "gradio.FileData"}})
     assert len(opened) == 1 and isinstance(img, Image.Image)
     assert len(space_app.interpret(registry.default, "upload", img, None, True, "logits", 2, 1.0, 0)[3]) == 2
-    assert len(space_app.attack(registry.default, img, False, 0.1, 0)) == 8
+    assert len(space_app.attack(registry.default, img, False, 0.1, 0)) == 11
     assert len(opened) == 1
 
 
@@ -275,7 +275,7 @@ def test_sign_noise_is_seeded_and_exact():
 # ---------------------------------------------------------------------------------------
 def test_interpret_handler(space_app, registry, example, tiny):
     m = registry.default
-    inp, rec, top, gallery, summary = space_app.interpret(m, "upload", example, None, False, "logits", 6, 1.0, 3)
+    inp, rec, top, gallery, summary, _extra = space_app.interpret(m, "upload", example, None, False, "logits", 6, 1.0, 3)
     assert len(gallery) == 6 and all(isinstance(im, Image.Image) for im, _ in gallery)
     assert {cap for _, cap in gallery} <= set(tiny.class_names)
     assert set(top) <= set(tiny.class_names) and 0 < sum(top.values()) <= 1.0001
@@ -295,7 +295,7 @@ def test_interpret_handler_with_a_drawing(space_app, registry):
 
 
 def test_sweep_handler(space_app, registry, example, tiny):
-    inp, rec, top, grid, var, agree, summary = space_app.sweep(registry.default, "upload", example, None, False, 5, 1.0, 0)
+    inp, rec, top, grid, var, agree, summary, _extra = space_app.sweep(registry.default, "upload", example, None, False, 5, 1.0, 0)
     assert list(var["layer"]) == tiny.layers and list(agree["layer"]) == tiny.layers
     assert ((agree.iloc[:, 1] >= 0) & (agree.iloc[:, 1] <= 100)).all()
     assert (var.iloc[:, 1] >= 0).all()
@@ -341,7 +341,7 @@ def test_adversarial_handler_and_layer_views(space_app, registry, example, tiny)
     for layer in tiny.layers:  # with its own invariances, the original decodes to its reconstruction
         assert torch.allclose(a.seen[layer][0], a.recon[0], atol=1e-3)
     out = space_app.attack(registry.default, example, False, 0.2, 1)
-    assert len(out) == 8 and all(isinstance(im, Image.Image) for im in out[:3])
+    assert len(out) == 11 and all(isinstance(im, Image.Image) for im in out[:3])
     assert "FGSM" in out[7]
     with pytest.raises(ValueError, match="eps"):
         space_app.attack(registry.default, example, False, 5.0, 1)
@@ -549,7 +549,7 @@ def test_client_drives_all_views(client, registry, example):
     mixed = client.predict(m, handle_file(example), handle_file(example), False, api_name="/mix")
     assert Path(mixed[0]).is_file()
     adv = client.predict(m, handle_file(example), False, 0.1, 0, api_name="/adversarial")
-    assert len(adv) == 8 and "FGSM" in adv[7]
+    assert len(adv) == 11 and "FGSM" in adv[7]
     info = client.predict(m, api_name="/select_model")
     assert "layers" in info[0] and info[5]["value"] is False  # photo domain: no conversion switch
 

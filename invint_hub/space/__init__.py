@@ -19,12 +19,13 @@ from .inputs import (
     sketch_to_image,
     stroke_mask,
     to_model_domain,
+    upload_notices,
 )
 from .registry import ModelEntry, ModelRegistry, build_examples, generated_examples
 from .render import class_name, compose_grid, tensor_images, upscale
 
 __all__ = [
     "DOMAINS", "MAX_SAMPLES", "center_digit", "check_sampling", "input_domain", "load_image", "one_line",
-    "prepare_input", "sketch_to_image", "stroke_mask", "to_model_domain", "ModelEntry", "ModelRegistry",
+    "prepare_input", "sketch_to_image", "stroke_mask", "to_model_domain", "upload_notices", "ModelEntry", "ModelRegistry",
     "build_examples", "generated_examples", "class_name", "compose_grid", "tensor_images", "upscale",
 ]

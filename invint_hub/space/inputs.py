@@ -65,12 +65,15 @@ def load_image(value: Any) -> Image.Image:
         if shown is None or not isinstance(value, (str, Path)):
             raise
         raise ValueError(str(e).replace(str(value), str(shown))) from None
+    frames = int(getattr(img, "n_frames", 1) or 1)
     if getattr(img, "is_animated", False):
         img.seek(0)
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:  # a broken EXIF block is no reason to refuse the pixels
         pass
+    if frames > 1:
+        img.info["frames"] = frames  # exif_transpose returns a copy without n_frames (for upload_notices)
     return img
 
 
@@ -204,20 +207,66 @@ def sketch_to_image(value: Any, domain: str, channels: int) -> Image.Image:
     return to_model_domain(rgb, domain, channels)
 
 
+def upload_notices(img: Image.Image, channels: int, image_size: int, cropped: bool = True) -> list[str]:
+    """What reading ``img`` for a ``channels`` x ``image_size`` model does to it that a user may not expect, as short
+    phrases (empty for a plain 8-bit image of a sensible shape): transparency flattened onto white, 16-bit or float
+    values rescaled to 8 bits, CMYK converted, animation frames dropped, colour dropped, tiny images upscaled, and
+    (``cropped``: the image goes through the library's centre crop) the share of a long image that is cut off."""
+    notes = []
+    mode = img.mode
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        alpha = np.asarray(img.convert("RGBA"))[..., 3]
+        if alpha.min() < 255:
+            notes.append(f"transparency flattened onto white ({100 * float((alpha < 255).mean()):.0f}% of pixels "
+                         "partly transparent)")
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        hi = int(np.asarray(img).max()) if img.width * img.height else 0
+        notes.append("16-bit values scaled to 8 bits (65535 → 255)" if hi > 255 else "16-bit image read as 8-bit values")
+    elif mode == "F":
+        notes.append("floating-point values stretched to 0..255")
+    elif mode == "CMYK":
+        notes.append("CMYK converted to RGB")
+    frames = max(int(getattr(img, "n_frames", 1) or 1), int(img.info.get("frames", 1)))
+    if frames > 1:
+        notes.append(f"animated: only the first of {frames} frames is used")
+    if channels == 1 and mode not in ("L", "LA", "1", "I;16", "I;16B", "I;16L", "I", "F"):
+        rgb = np.asarray(to_rgb(img), dtype=np.int16)
+        if np.abs(rgb - rgb[..., :1]).max() > 8:
+            notes.append("colours dropped (this model reads grayscale)")
+    w, h = img.size
+    if w * h == 1:
+        notes.append(f"a single pixel: the model sees one flat {image_size}x{image_size} colour")
+    elif min(w, h) < image_size / 2:
+        notes.append(f"small ({w}x{h}): upscaled to {image_size}x{image_size}")
+    if cropped and w != h:
+        lost = 1 - min(w, h) / max(w, h)
+        if lost >= 0.2:
+            notes.append(f"aspect ratio {max(w, h) / min(w, h):.1f}:1: centre-cropped to a square, {100 * lost:.0f}% of the "
+                         "image cut off")
+    return notes
+
+
 def prepare_input(
     pipe: InvariancePipeline, img: Image.Image, convert: bool = True, domain: str | None = None
 ) -> tuple[torch.Tensor, str]:
-    """A decoded user image (``load_image``) -> (model input (1, C, S, S) in [-1, 1], a note on what was done)."""
+    """A decoded user image (``load_image``) -> (model input (1, C, S, S) in [-1, 1], a note on what was done,
+    including ``upload_notices``)."""
     if not isinstance(img, Image.Image):
         raise ValueError(f"prepare_input takes a decoded PIL image (see load_image), got {type(img).__name__}")
     note = f"{img.width}x{img.height} {img.mode}"
     domain = domain or input_domain(pipe)
+    converted = False
+    original = img
     if convert and domain != "photo":
         try:
             img = to_model_domain(img, domain, pipe.channels)
             note += f" → centred {domain} (MNIST-style)"
+            converted = True
         except ValueError as e:
             note += f" → used as is ({one_line(e)})"
+    notices = upload_notices(original, pipe.channels, pipe.image_size, cropped=not converted)
+    if notices:
+        note += " (" + "; ".join(notices) + ")"
     x = pipe.preprocess(img)
     return x, note + f" → {pipe.channels}x{pipe.image_size}px"
 
