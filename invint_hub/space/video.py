@@ -87,7 +87,7 @@ def read_video(value: Any, max_seconds: float = MAX_SECONDS, max_frames: int = M
     if size == 0:
         raise ValueError(f"the video file {name} is empty")
     if size > max_bytes:
-        raise ValueError(f"the video file is too large: {size / 2**20:.0f} MB (limit {max_bytes / 2**20:.0f} MB)")
+        raise ValueError(f"the video file is too large: {size / 2**20:.1f} MB (limit {max_bytes / 2**20:g} MB)")
     try:
         container = av.open(str(path), mode="r")
     except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
@@ -98,7 +98,7 @@ def read_video(value: Any, max_seconds: float = MAX_SECONDS, max_frames: int = M
         stream = container.streams.video[0]
         width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
         if width * height > max_frame_pixels:
-            raise ValueError(f"the video's frames are too large: {width}x{height} (limit {max_frame_pixels / 1e6:.1f} "
+            raise ValueError(f"the video's frames are too large: {width}x{height} (limit {max_frame_pixels / 1e6:g} "
                              "megapixels a frame)")
         rate = stream.average_rate or stream.guessed_rate
         fps = float(rate) if rate else 0.0
@@ -115,7 +115,8 @@ def read_video(value: Any, max_seconds: float = MAX_SECONDS, max_frames: int = M
         try:
             for frame in container.decode(stream):
                 if frame.width * frame.height > max_frame_pixels:
-                    raise ValueError(f"the video's frames are too large: {frame.width}x{frame.height}")
+                    raise ValueError(f"the video's frames are too large: {frame.width}x{frame.height} (limit "
+                                     f"{max_frame_pixels / 1e6:g} megapixels a frame)")
                 if len(frames) >= max_frames:
                     raise ValueError(f"the video has too many frames: more than {max_frames} (limit {max_seconds:g} s "
                                      f"and {max_frames} frames)")
