@@ -697,8 +697,8 @@ def video_tab(app: SpaceApp, model: gr.Dropdown, default: str, go: dict) -> None
                     run_video = gr.Button("Run on the video", variant="primary", elem_id="run-video")
                     vid_example = gr.Button("Example: a moving digit", elem_id="video-example")
             with gr.Column(scale=2):
-                vid_out = gr.Video(label="Frame | the still's z with the frame's v", interactive=False, autoplay=True,
-                                   loop=True, height=320, buttons=["download"], elem_id="video-result")
+                vid_out = gr.Video(label="Frame | the still's z with the frame's v", show_label=False, interactive=False,
+                                   autoplay=True, loop=True, height=320, buttons=["download"], elem_id="video-result")
                 vid_md = gr.Markdown(elem_id="video-summary")
 
     handler = ui_errors(app.video)

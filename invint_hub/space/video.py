@@ -205,7 +205,7 @@ def mix_frames(pipe: InvariancePipeline, still: torch.Tensor, frames: torch.Tens
 
 
 def side_by_side(left: torch.Tensor, right: torch.Tensor, cell: int = 160, gap: int = 8,
-                 labels: tuple[str, str] = ("frame", "still's z, frame's v")) -> list[np.ndarray]:
+                 labels: tuple[str, str] = ("frame (model input)", "still's z, frame's v")) -> list[np.ndarray]:
     """(T, C, S, S) pairs -> RGB uint8 frames (H, W, 3), each ``[left | right]`` upscaled (nearest) under a label strip.
 
     Widths and heights are even (H.264 with 4:2:0 chroma needs them so).
