@@ -54,6 +54,9 @@ def clips(registry, tmp_path_factory):
     out["many_frames_mp4"] = V.encode_video(solid_frames(301), d / "many.mp4", 60)  # 5 s, 301 frames
     out["many_frames_webm"] = V.encode_video(solid_frames(301), d / "many.webm", 60, "webm")  # no frame count stored
     out["long_mp4"] = V.encode_video(solid_frames(23), d / "long.mp4", 2)  # 11.5 s, 23 frames
+    moving = V.read_video(out["mp4"]).frames  # at the limits: 300 frames, 10 s, 640x480, the digit moving
+    big = [np.pad(np.asarray(moving[i % 24].resize((480, 480))), ((0, 0), (80, 80), (0, 0))) for i in range(300)]
+    out["at_limits"] = V.encode_video(big, d / "at_limits.mp4", 30)
     out["long_gif"] = gif(d / "long.gif", 23, 500)
     out["many_frames_gif"] = gif(d / "many.gif", 301, 20)
     data = out["mp4"].read_bytes()
@@ -93,6 +96,11 @@ def test_bad_or_too_long_videos_are_refused_in_one_line(clips, name, expected):
         V.read_video(clips[name])
     msg = str(err.value)
     assert expected in msg and "\n" not in msg and str(clips[name].parent) not in msg, msg
+
+
+def test_a_video_at_the_limits_is_accepted(clips):
+    c = V.read_video(clips["at_limits"])
+    assert len(c.frames) == 300 and abs(c.seconds - 10.0) < 1e-6 and (c.width, c.height) == (640, 480)
 
 
 def test_size_limits_and_missing_input(clips):
@@ -235,7 +243,7 @@ def test_browser_uploads_a_video_and_plays_the_result(registry, clips, tmp_path)
         with pg.expect_file_chooser() as chooser:
             pg.locator("#video-file button.upload-container").click()
         chooser.value.set_files(str(path))
-        pg.wait_for_function("(n) => document.querySelector('#video-file').innerText.includes(n)", arg=Path(path).name)
+        pg.wait_for_function("(n) => document.querySelector('#video-file').innerText.includes(n)", arg=Path(path).stem)
 
     playing = ("() => { const v = document.querySelector('#video-result video'); "
                "return v && v.readyState >= 2 && v.videoWidth > 0; }")
@@ -246,10 +254,18 @@ def test_browser_uploads_a_video_and_plays_the_result(registry, clips, tmp_path)
             pg.set_default_timeout(60_000)
             pg.goto(demo.local_url)
             pg.get_by_role("tab", name="Video").click()
-            upload_video(pg, clips["webm"])
             pg.locator("#video-still input[type=file]").set_input_files(str(registry.get("mnist").examples[8]))
             pg.wait_for_selector("#video-still img")
+            # 300 frames of 640x480: the progress bar shows each stage
+            upload_video(pg, clips["at_limits"])
             pg.click("#run-video")
+            pg.wait_for_function("() => /decoding the video|frames \\d+\\/300|encoding/.test("
+                                 "document.querySelector('#video-result').innerText)")
+            pg.wait_for_function(playing)
+            assert "300 frames" in pg.locator("#video-summary").inner_text()
+            upload_video(pg, clips["webm"])
+            pg.click("#run-video")
+            pg.wait_for_function("() => document.querySelector('#video-summary').innerText.startsWith('24 frames')")
             pg.wait_for_function(playing)
             size = pg.evaluate("() => { const v = document.querySelector('#video-result video'); "
                                "return [v.videoWidth, v.videoHeight, v.duration]; }")
