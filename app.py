@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -412,9 +413,11 @@ class SpaceApp:
             raise ValueError("this model has no example images")
         moving, still = e.examples[min(3, len(e.examples) - 1)], e.examples[min(8, len(e.examples) - 1)]
         path = Path(moving).parent / "example_video.mp4"
-        if not path.is_file():
-            space_video.make_example_video(moving, path.with_suffix(".tmp.mp4"))
-            path.with_suffix(".tmp.mp4").replace(path)
+        if not path.is_file():  # made once per model; a unique temporary name, so concurrent clicks do not clash
+            fd, tmp = tempfile.mkstemp(suffix=".mp4", dir=path.parent)
+            os.close(fd)
+            space_video.make_example_video(moving, tmp)
+            os.replace(tmp, path)
         return str(path), str(still)
 
 def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concurrency: int = 4) -> gr.Blocks:

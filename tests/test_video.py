@@ -103,6 +103,14 @@ def test_a_video_at_the_limits_is_accepted(clips):
     assert len(c.frames) == 300 and abs(c.seconds - 10.0) < 1e-6 and (c.width, c.height) == (640, 480)
 
 
+def test_big_frames_are_scaled_down_as_they_decode(clips, pipe):
+    full = V.read_video(clips["at_limits"], max_frames=300)
+    small = V.read_video(clips["at_limits"], min_side=4 * pipe.image_size)
+    assert small.frames[0].size == (171, 128) and (small.width, small.height) == (640, 480)
+    a, b = V.frames_to_batch(pipe, full.frames[:24]), V.frames_to_batch(pipe, small.frames[:24])
+    assert (a - b).abs().mean() < 0.02  # the model sees (nearly) the same pixels
+
+
 def test_size_limits_and_missing_input(clips):
     with pytest.raises(ValueError, match="file is too large"):
         V.read_video(clips["mp4"], max_bytes=1000)

@@ -71,11 +71,13 @@ def _too_long(seconds: float) -> str:
 
 
 def read_video(value: Any, max_seconds: float = MAX_SECONDS, max_frames: int = MAX_FRAMES,
-               max_bytes: int = MAX_BYTES, max_frame_pixels: int = MAX_FRAME_PIXELS,
+               max_bytes: int = MAX_BYTES, max_frame_pixels: int = MAX_FRAME_PIXELS, min_side: int | None = None,
                progress: ProgressFn | None = None) -> Clip:
     """Decode a video file (path or Gradio payload), refusing bad, too long or huge ones with a one-line ``ValueError``.
 
     The limits are checked on the container's metadata before decoding and again while decoding (metadata can lie).
+    ``min_side``: frames whose shorter side is longer are scaled down to it (keeping the aspect) as they decode, so
+    300 frames of 4K never sit in memory at full size. ``Clip.width``/``height`` are the file's frame size.
     """
     import av
 
@@ -125,7 +127,15 @@ def read_video(value: Any, max_seconds: float = MAX_SECONDS, max_frames: int = M
                     times.append(t)
                     if t - times[0] >= max_seconds + 0.05:
                         raise ValueError(_too_long(t - times[0]))
-                frames.append(frame.to_image())  # RGB
+                short = min(frame.width, frame.height)
+                if min_side is not None and short > min_side:
+                    f = min_side / short
+                    frames.append(frame.to_image(width=max(2, round(frame.width * f)), height=max(2, round(frame.height * f)),
+                                                 interpolation="AREA"))
+                else:
+                    frames.append(frame.to_image())  # RGB
+                if not width:
+                    width, height = frame.width, frame.height
                 if progress is not None and total and len(frames) % 16 == 0:
                     progress(0.3 * min(1.0, len(frames) / total), "decoding the video")
         except av.FFmpegError as e:
@@ -142,7 +152,7 @@ def read_video(value: Any, max_seconds: float = MAX_SECONDS, max_frames: int = M
     fps = min(max(fps, 1.0), 60.0)
     if len(frames) / fps > max_seconds + 0.05:
         raise ValueError(_too_long(len(frames) / fps))
-    return Clip(frames, fps, frames[0].width, frames[0].height, codec)
+    return Clip(frames, fps, width or frames[0].width, height or frames[0].height, codec)
 
 
 def frames_to_batch(pipe: InvariancePipeline, frames: list[Image.Image], convert: bool = False,
@@ -284,7 +294,7 @@ def video_invariances(pipe: InvariancePipeline, video: Any, still: torch.Tensor,
     """The whole video mode: decode (with limits) -> model domain -> ``mix_frames`` -> side-by-side video file."""
     if fmt not in OUTPUT_FORMATS:
         raise ValueError(f"output format must be one of {sorted(OUTPUT_FORMATS)}, got {fmt!r}")
-    clip = read_video(video, progress=progress)
+    clip = read_video(video, min_side=4 * pipe.image_size, progress=progress)
     frames = frames_to_batch(pipe, clip.frames, convert, domain)
     m = mix_frames(pipe, still, frames, layer, progress=progress)
     path = Path(path) if path is not None else output_path(fmt)
