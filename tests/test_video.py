@@ -66,6 +66,17 @@ def clips(registry, tmp_path_factory):
     out["text"] = d / "text.mp4"
     (d / "empty.webm").write_bytes(b"")
     out["empty"] = d / "empty.webm"
+    out["audio_only"] = d / "audio.webm"
+    with av.open(str(out["audio_only"]), "w") as c:  # sound, no picture
+        s = c.add_stream("libopus", rate=48000)
+        s.layout = "mono"
+        for i in range(10):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 960), np.int16), format="s16", layout="mono")
+            frame.sample_rate, frame.pts = 48000, i * 960
+            for packet in s.encode(frame):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
     return out
 
 
@@ -90,6 +101,7 @@ def test_example_clips_decode_in_every_format(clips, fmt, codec):
     ("truncated", "not a readable video"),
     ("text", "not a readable video"),
     ("empty", "is empty"),
+    ("audio_only", "has no video stream"),
 ])
 def test_bad_or_too_long_videos_are_refused_in_one_line(clips, name, expected):
     with pytest.raises(ValueError) as err:
