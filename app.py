@@ -18,6 +18,8 @@ import logging
 import os
 import random
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any, Callable
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline by default: no telemetry calls
@@ -28,6 +30,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from invint_hub import concepts, space  # noqa: E402
+from invint_hub.space import video as space_video  # noqa: E402
 
 log = logging.getLogger("invint_hub.app")
 
@@ -453,6 +456,46 @@ class SpaceApp:
                 "8 samples of v each.\n\n" + "\n".join(lines))
 
 
+    # --- Video ----------------------------------------------------------------------------
+    def video(self, model: str, video_file: Any, still: Any, layer: str, convert: bool = True,
+              convert_frames: bool = False, fmt: str = "mp4", progress: Any = None):
+        """-> result video (input frame | the still's representation with the frame's invariances), summary."""
+        if still is None:
+            raise ValueError("the video mode needs a still image too: its representation z is decoded with each "
+                             "frame's invariances v")
+        report = (lambda f, d: progress(f, desc=d)) if progress is not None else None
+        with self.registry.use(model) as e:
+            pipe = e.pipe
+            xs, _ = space.prepare_input(pipe, self._image(still), convert=convert, domain=e.domain)
+            path, m, clip = space_video.video_invariances(pipe, video_file, xs, layer, convert=convert_frames,
+                                                          domain=e.domain, fmt=fmt, progress=report)
+        name = functools.partial(space.class_name, pipe)
+        n = m.frames.shape[0]
+        kept = float((m.mixed_pred == m.still_pred).float().mean())
+        frame_cls = torch.bincount(m.frame_pred).argmax().item()
+        summary = (
+            f"{n} frames at {clip.fps:.3g} fps ({clip.seconds:.1f} s, {clip.width}x{clip.height} {clip.codec}). Right: "
+            f"D(t⁻¹(v_frame | Φ(still))) at layer `{layer}`, the still image's representation z with each frame's "
+            f"invariances v. **{100 * kept:.0f}%** of these frames are classified as **{name(m.still_pred)}** like the "
+            f"still image (the input frames: mostly **{name(frame_cls)}**). What moves on the right is what the layer "
+            "is invariant to."
+        )
+        return str(path), summary
+
+    def video_example(self, model: str | None) -> tuple[str, str]:
+        """A clip made from one example image (a digit moving and turning) and another example as the still."""
+        e = self.registry.get(model)
+        if not e.examples:
+            raise ValueError("this model has no example images")
+        moving, still = e.examples[min(3, len(e.examples) - 1)], e.examples[min(8, len(e.examples) - 1)]
+        path = Path(moving).parent / "example_video.mp4"
+        if not path.is_file():  # made once per model; a unique temporary name, so concurrent clicks do not clash
+            fd, tmp = tempfile.mkstemp(suffix=".mp4", dir=path.parent)
+            os.close(fd)
+            space_video.make_example_video(moving, tmp)
+            os.replace(tmp, path)
+        return str(path), str(still)
+
 def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concurrency: int = 4) -> gr.Blocks:
     """The Blocks app. ``models``: a registry, or extra model names besides the embedded pipelines.
 
@@ -632,6 +675,8 @@ def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concur
                     run_layers = gr.Button("Measure", elem_id="run-concept-layers")
                     layers_md = gr.Markdown(elem_id="concept-layers")
 
+            video_tab(app, model, default, go)
+
             with gr.Tab("About", id="about"):
                 gr.Markdown(ABOUT)
 
@@ -726,6 +771,58 @@ def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concur
     return demo
 
 
+def video_tab(app: SpaceApp, model: gr.Dropdown, default: str, go: dict) -> None:
+    """The Video tab (the official demo's video mode), built and wired inside ``build_demo``'s Tabs."""
+    e = app.registry.get(default)
+    digit = e.domain == "digit"
+    with gr.Tab("Video", id="video"):
+        gr.Markdown(f"Upload a short **video** (mp4, webm or gif; at most {space_video.MAX_SECONDS:g} s and "
+                    f"{space_video.MAX_FRAMES} frames) and a **still image**. Each frame's invariances "
+                    "v = t(E(frame) | Φ(frame)) are decoded with the still image's representation: D(t⁻¹(v | Φ(still))). "
+                    "The result plays beside the frames as the model sees them.")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=260):
+                vid_file = gr.File(label="Video (mp4, webm, gif)", file_types=list(space_video.VIDEO_SUFFIXES),
+                                   type="filepath", height=120, elem_id="video-file")
+                vid_still = SafeImage(sources=["upload", "clipboard"], label="Still image (its representation z)",
+                                      height=180, format="png", elem_classes="input-image", elem_id="video-still")
+                with gr.Row():
+                    vid_layer = gr.Dropdown(e.pipe.layers, value=app.default_layer(default), label="Layer",  # type: ignore[union-attr]
+                                            min_width=120)
+                    vid_fmt = gr.Radio(["mp4", "webm"], value="mp4", label="Output", info="H.264 mp4 or VP9 webm")
+                vid_convert = gr.Checkbox(value=digit, label="Convert the still image to the model's domain",
+                                          visible=digit)
+                vid_convert_frames = gr.Checkbox(value=False, label="Convert every frame too",
+                                                 info="centres each frame's digit MNIST-style (this removes the motion)",
+                                                 visible=digit)
+                with gr.Row():
+                    run_video = gr.Button("Run on the video", variant="primary", elem_id="run-video")
+                    vid_example = gr.Button("Example: a moving digit", elem_id="video-example")
+            with gr.Column(scale=2):
+                vid_out = gr.Video(label="Frame | the still's z with the frame's v", show_label=False, interactive=False,
+                                   autoplay=True, loop=True, height=320, buttons=["download"], elem_id="video-result")
+                vid_md = gr.Markdown(elem_id="video-summary")
+
+    handler = ui_errors(app.video)
+
+    def run(m, f, s, layer, convert, convert_frames, fmt, progress=gr.Progress()):
+        return handler(m, f, s, layer, convert, convert_frames, fmt, progress=progress)
+
+    inputs = [model, vid_file, vid_still, vid_layer, vid_convert, vid_convert_frames, vid_fmt]
+    run_video.click(run, inputs, [vid_out, vid_md], api_name="video", **go)
+    (vid_example.click(ui_errors(app.video_example), model, [vid_file, vid_still], api_visibility="private", **go)
+     .success(run, inputs, [vid_out, vid_md], api_visibility="private", **go))
+
+    @ui_errors
+    def follow_model(name: str):
+        digit_ = app.registry.get(name).domain == "digit"
+        layers_ = app.registry.get(name).pipe.layers  # type: ignore[union-attr]
+        return (gr.Dropdown(choices=layers_, value=app.default_layer(name)), gr.Checkbox(value=digit_, visible=digit_),
+                gr.Checkbox(visible=digit_))
+
+    model.change(follow_model, model, [vid_layer, vid_convert, vid_convert_frames], api_visibility="private",
+                 concurrency_id="load", concurrency_limit=1)
+
 ABOUT = """
 ### How to read the views
 * **Interpret**: N samples D(t⁻¹(v | z)) for one layer. The samples share the layer's representation z of your image
@@ -740,6 +837,9 @@ ABOUT = """
 * **Concepts** (pipelines with a concept INN e, e.g. the embedded colormnist): e splits the autoencoder code into
   semantic factors (for ColorMNIST: digit, foreground colour, background colour, residual), learned from pairs of
   images that share one concept. *Transfer* swaps one factor between two images; *Edit* moves along a factor.
+* **Video**: each frame's invariances v = t(E(frame) | Φ(frame)) decoded with a still image's representation,
+  D(t⁻¹(v | Φ(still))), beside the frames (the official demo's video mode): the still's content moving as the video does,
+  as far as the layer is invariant to that motion.
 
 Everything runs on your machine's CPU; the embedded pipeline needs no network. Code: invint_hub (`python app.py --help`).
 """
