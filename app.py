@@ -42,9 +42,6 @@ every v ~ N(0, I) decodes, through D(t⁻¹(v | z)), to an image the layer canno
 CSS = """
 .pixelated img { image-rendering: pixelated; }
 .input-image img { image-rendering: pixelated; width: 100% !important; height: 100% !important; object-fit: contain; }
-#samples .grid-container { grid-template-columns: repeat(8, minmax(0, 1fr)) !important; }
-#samples .grid-wrap { height: auto !important; min-height: 0 !important; max-height: 460px; }
-#samples { height: auto !important; }
 #mix-examples td, #concept-examples td { padding: 2px 8px !important; }
 #mix-examples .container, #mix-examples img, #concept-examples .container, #concept-examples img {
   width: 40px !important; height: 40px !important; }
@@ -191,19 +188,22 @@ class SpaceApp:
     # --- Interpret ---------------------------------------------------------------------
     def interpret(self, model: str, source: str, image: Any, sketch: Any, convert: bool, layer: str,
                   n: float, temperature: float, seed: float):
-        """-> model input, reconstruction, top-k, samples [(image, class)], summary."""
+        """-> model input, reconstruction, top-k, samples grid (captions: predicted class), summary."""
         with self.registry.use(model) as e:
             pipe = e.pipe
             x, note = self._input(e, source, image, sketch, convert)
             r = pipe.interpret(x, layer, *space.check_sampling(n, temperature, seed))
-        cls = space.class_name(pipe, int(r.probs.argmax()))
-        gallery = [(im, space.class_name(pipe, int(c))) for im, c in zip(space.tensor_images(r.samples, 96), r.sample_pred)]
+        c_in = int(r.probs.argmax())
+        cls = space.class_name(pipe, c_in)
+        preds = [int(c) for c in r.sample_pred]
+        # one grid image, not N files: a browser (or client) fetches one file per result
+        grid = space.sample_grid(r.samples, [space.class_name(pipe, c) for c in preds], [c != c_in for c in preds])
         summary = (
             f"**Layer `{layer}`**: v accounts for **{_pct(r.variance_explained)}** of the autoencoder code's variance "
             f"(0% = the layer pins the image down, 100% = it keeps nothing of it); **{_pct(r.class_agreement)}** of the "
-            f"{len(gallery)} samples are classified as **{cls}**, like the input.  \n<small>Input: {note}.</small>"
+            f"{len(preds)} samples are classified as **{cls}**, like the input.  \n<small>Input: {note}.</small>"
         )
-        return (space.tensor_images(r.x)[0], space.tensor_images(r.recon)[0], self._label(pipe, r.probs), gallery, summary)
+        return (space.tensor_images(r.x)[0], space.tensor_images(r.recon)[0], self._label(pipe, r.probs), grid, summary)
 
     def sweep(self, model: str, source: str, image: Any, sketch: Any, convert: bool,
               n: float, temperature: float, seed: float):
@@ -433,18 +433,16 @@ def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concur
                             run_sweep = gr.Button("Layer sweep (all layers)", variant="secondary", elem_id="run-sweep")
                         with gr.Row():
                             model_in = gr.Image(label="Model input", format="png", height=150, interactive=False,
-                                                elem_classes="pixelated", buttons=[])
+                                                elem_classes="pixelated", buttons=[], elem_id="model-input")
                             recon = gr.Image(label="Reconstruction D(E(x))", format="png", height=150,
-                                             interactive=False, elem_classes="pixelated", buttons=[])
+                                             interactive=False, elem_classes="pixelated", buttons=[], elem_id="recon")
                             top = gr.Label(num_top_classes=5, label="Prediction (top 5)")
                         summary = gr.Markdown(elem_id="summary")
-                        gr.Markdown("**Samples** D(t⁻¹(v | z)) with v ~ N(0, T²I); captions: the classifier's prediction",
-                                    elem_id="samples-title")
-                        gallery = gr.Gallery(label="Samples", show_label=False, columns=8, height=None, format="png",
-                                             object_fit="contain",
-                                             elem_id="samples", elem_classes="pixelated", allow_preview=True)
+                        gr.Markdown("**Samples** D(t⁻¹(v | z)) with v ~ N(0, T²I); captions: the classifier's prediction; "
+                                    "orange frames: a class other than the input's", elem_id="samples-title")
+                        gallery = ResultImage("Samples", "samples")
                 with gr.Accordion("Layer sweep: every layer, the same v (click \"Layer sweep\")", open=False) as sweep_box:
-                    sweep_md = gr.Markdown()
+                    sweep_md = gr.Markdown(elem_id="sweep-summary")
                     sweep_img = ResultImage("Layer sweep", "sweep")
                     with gr.Row():
                         var_plot = gr.BarPlot(x="layer", y="variance explained by v (%)", sort=layers, y_lim=[0, 100],

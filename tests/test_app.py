@@ -27,6 +27,7 @@ from invint_hub.space import (
     compose_grid,
     input_domain,
     load_image,
+    sample_grid,
     sketch_to_image,
     stroke_mask,
     to_model_domain,
@@ -34,6 +35,13 @@ from invint_hub.space import (
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy keyword is deprecated)")
+
+
+def grid_shape(img: Image.Image, cell: int = 64, gap: int = 4, caption: int = 16) -> tuple[int, int]:
+    """(rows, columns) of a captioned ``sample_grid`` image, read off its size."""
+    return (img.height - gap) // (cell + caption + gap), (img.width - gap) // (cell + gap)
+
+
 HAVE_MNIST = default_data_dir() is not None and any((default_data_dir() / "mnist").glob("test-*.parquet"))
 
 
@@ -233,7 +241,7 @@ def test_an_upload_is_decoded_once(space_app, registry, example, monkeypatch):
     monkeypatch.setattr(inputs, "open_image", lambda v: opened.append(v) or real(v))
     img = app.SafeImage(render=False).preprocess({"path": example, "meta": {"_type": "gradio.FileData"}})
     assert len(opened) == 1 and isinstance(img, Image.Image)
-    assert len(space_app.interpret(registry.default, "upload", img, None, True, "logits", 2, 1.0, 0)[3]) == 2
+    assert grid_shape(space_app.interpret(registry.default, "upload", img, None, True, "logits", 2, 1.0, 0)[3]) == (1, 2)
     assert len(space_app.attack(registry.default, img, False, 0.1, 0)) == 8
     assert len(opened) == 1
 
@@ -275,23 +283,36 @@ def test_sign_noise_is_seeded_and_exact():
 # ---------------------------------------------------------------------------------------
 def test_interpret_handler(space_app, registry, example, tiny):
     m = registry.default
-    inp, rec, top, gallery, summary = space_app.interpret(m, "upload", example, None, False, "logits", 6, 1.0, 3)
-    assert len(gallery) == 6 and all(isinstance(im, Image.Image) for im, _ in gallery)
-    assert {cap for _, cap in gallery} <= set(tiny.class_names)
+    inp, rec, top, grid, summary = space_app.interpret(m, "upload", example, None, False, "logits", 6, 1.0, 3)
+    assert isinstance(grid, Image.Image) and grid_shape(grid) == (1, 6)  # one image file with the 6 samples
+    assert grid_shape(space_app.interpret(m, "upload", example, None, False, "logits", 20, 1.0, 3)[3]) == (3, 8)
     assert set(top) <= set(tiny.class_names) and 0 < sum(top.values()) <= 1.0001
     assert isinstance(inp, Image.Image) and isinstance(rec, Image.Image)
     assert "`logits`" in summary and "6 samples" in summary
     again = space_app.interpret(m, "upload", example, None, False, "logits", 6, 1.0, 3)[3]
     other = space_app.interpret(m, "upload", example, None, False, "logits", 6, 1.0, 4)[3]
-    same = [np.array_equal(np.asarray(a[0]), np.asarray(b[0])) for a, b in zip(gallery, again)]
-    diff = [np.array_equal(np.asarray(a[0]), np.asarray(b[0])) for a, b in zip(gallery, other)]
-    assert all(same) and not all(diff)
+    assert np.array_equal(np.asarray(grid), np.asarray(again)) and not np.array_equal(np.asarray(grid), np.asarray(other))
+
+
+def test_interpret_grid_shows_the_samples_and_their_classes(space_app, registry, example, tiny, monkeypatch):
+    """The grid holds each sample's pixels and a caption with its predicted class; the handler passes them on."""
+    seen = {}
+    real = app.space.sample_grid
+    monkeypatch.setattr(app.space, "sample_grid", lambda s, caps, marks: seen.update(s=s, caps=caps, marks=marks)
+                        or real(s, caps, marks))
+    grid = space_app.interpret(registry.default, "upload", example, None, False, "logits", 5, 1.0, 0)[3]
+    x = tiny.preprocess(load_image(example))
+    r = tiny.interpret(x, "logits", 5, 1.0, 0)
+    assert torch.allclose(seen["s"], r.samples)
+    assert seen["caps"] == [tiny.class_names[int(c)] for c in r.sample_pred]
+    assert seen["marks"] == [int(c) != int(r.probs.argmax()) for c in r.sample_pred]
+    assert grid_shape(grid) == (1, 5)
 
 
 def test_interpret_handler_with_a_drawing(space_app, registry):
     sketch = {"background": None, "layers": [], "composite": digit_drawing(280).convert("RGBA")}
     out = space_app.interpret(registry.default, "draw", None, sketch, True, "conv1", 4, 0.5, 0)
-    assert len(out[3]) == 4 and "drawing" in out[4]
+    assert grid_shape(out[3]) == (1, 4) and "drawing" in out[4]
 
 
 def test_sweep_handler(space_app, registry, example, tiny):
@@ -375,6 +396,21 @@ def test_compose_grid_labels_and_size():
     assert g.mode == "RGB" and g.width >= 2 * 40 and g.height >= 2 * 40
     with pytest.raises(ValueError):
         compose_grid([])
+
+
+def test_sample_grid_rows_captions_and_frames():
+    ims = [torch.full((1, 8, 8), -1.0) for _ in range(10)]  # black cells
+    g = sample_grid(ims, [str(i) for i in range(10)], [i == 9 for i in range(10)], columns=4, cell=32)
+    assert grid_shape(g, cell=32) == (3, 4)
+    px = np.asarray(g)
+    assert (px[4:36, 4:36] == 0).all()  # the first cell: the image's pixels, unframed
+    orange = (px[..., 0] > 200) & (px[..., 1] > 90) & (px[..., 1] < 150) & (px[..., 2] < 40)
+    assert orange.any() and not orange[: 2 * (32 + 16 + 4)].any()  # only the last row's framed cell
+    assert sample_grid(torch.zeros(3, 1, 8, 8)).size == (4 + 3 * 68, 4 + 68)  # no captions: cells of 64 + gap 4
+    with pytest.raises(ValueError):
+        sample_grid([])
+    with pytest.raises(ValueError, match="columns"):
+        sample_grid(ims, columns=0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -542,7 +578,7 @@ def test_client_drives_all_views(client, registry, example):
 
     m = registry.default
     out = client.predict(m, handle_file(example), None, False, "logits", 5, 1.0, 0, api_name="/interpret")
-    assert len(out[3]) == 5 and all(Path(g["image"]).is_file() for g in out[3])
+    assert grid_shape(Image.open(out[3])) == (1, 5)  # the samples come as one downloaded grid image
     assert out[2]["label"] in registry.get(None).pipe.class_names
     sweep = client.predict(m, handle_file(example), None, False, 3, 1.0, 0, api_name="/layer_sweep")
     assert Path(sweep[3]).is_file()
@@ -597,7 +633,7 @@ def test_client_bad_inputs_get_one_line_and_server_stays_up(client, server, regi
         assert "\n" not in msg and "Traceback" not in msg and "image" in msg, (name, msg)
     for name, path in odd_image_files.items():
         out = client.predict(m, handle_file(str(path)), None, False, "conv1", 2, 1.0, 0, api_name="/interpret")
-        assert len(out[3]) == 2, name
+        assert grid_shape(Image.open(out[3])) == (1, 2), name
     with pytest.raises(AppError, match="no image"):
         client.predict(m, None, None, False, "conv1", 2, 1.0, 0, api_name="/interpret")
     assert _alive(server.local_url) < 5

@@ -77,6 +77,25 @@ def compose_grid(
     return canvas
 
 
+def sample_grid(
+    samples: torch.Tensor | list[torch.Tensor | Image.Image],
+    captions: list[str] | None = None,
+    highlight: list[bool] | None = None,
+    columns: int = 8,
+    cell: int = 64,
+) -> Image.Image:
+    """N images as one captioned grid, ``columns`` per row (one image file instead of N: what a browser or
+    client fetches per result). ``highlight`` frames cells orange (e.g. samples whose class changed)."""
+    items = list(samples)
+    if not items:
+        raise ValueError("nothing to draw")
+    if columns < 1:
+        raise ValueError(f"columns must be >= 1, got {columns}")
+    chunk = lambda xs: [list(xs[i:i + columns]) for i in range(0, len(items), columns)]  # noqa: E731
+    return compose_grid(chunk(items), captions=chunk(captions) if captions else None, cell=cell,
+                        highlight=chunk(highlight) if highlight else None)
+
+
 def _fit(text: str, f, width: int) -> str:
     if f.getlength(text) <= width:
         return text
