@@ -113,6 +113,18 @@ def ui_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def image_files(fn: Callable, folder: str) -> Callable:
+    """Hand the handler's PIL images to Gradio as PNG files already in its cache ``folder`` (``space.png_file``):
+    written once per content and atomically, so concurrent requests for the same image never fetch a partly
+    rewritten file, and Gradio neither re-encodes nor copies them."""
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        return tuple(space.png_file(o, folder) if isinstance(o, Image.Image) else o for o in fn(*args))
+
+    return wrapper
+
+
 def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.0f}%"
 
@@ -188,7 +200,7 @@ class SpaceApp:
     # --- Interpret ---------------------------------------------------------------------
     def interpret(self, model: str, source: str, image: Any, sketch: Any, convert: bool, layer: str,
                   n: float, temperature: float, seed: float):
-        """-> model input, reconstruction, top-k, samples grid (captions: predicted class), summary."""
+        """-> top-k, one image (model input, reconstruction, the samples captioned with their class), summary."""
         with self.registry.use(model) as e:
             pipe = e.pipe
             x, note = self._input(e, source, image, sketch, convert)
@@ -196,18 +208,19 @@ class SpaceApp:
         c_in = int(r.probs.argmax())
         cls = space.class_name(pipe, c_in)
         preds = [int(c) for c in r.sample_pred]
-        # one grid image, not N files: a browser (or client) fetches one file per result
-        grid = space.sample_grid(r.samples, [space.class_name(pipe, c) for c in preds], [c != c_in for c in preds])
+        # one image per click, not N + 2 files: each file is a request (browser) or a download (client)
+        grid = space.interpret_grid(r.x[0], r.recon[0], r.samples, [space.class_name(pipe, c) for c in preds],
+                                    [c != c_in for c in preds])
         summary = (
             f"**Layer `{layer}`**: v accounts for **{_pct(r.variance_explained)}** of the autoencoder code's variance "
             f"(0% = the layer pins the image down, 100% = it keeps nothing of it); **{_pct(r.class_agreement)}** of the "
             f"{len(preds)} samples are classified as **{cls}**, like the input.  \n<small>Input: {note}.</small>"
         )
-        return (space.tensor_images(r.x)[0], space.tensor_images(r.recon)[0], self._label(pipe, r.probs), grid, summary)
+        return self._label(pipe, r.probs), grid, summary
 
     def sweep(self, model: str, source: str, image: Any, sketch: Any, convert: bool,
               n: float, temperature: float, seed: float):
-        """-> model input, reconstruction, top-k, grid (rows = layers), variance plot, agreement plot, summary."""
+        """-> top-k, grid (rows = layers; the input and D(E(x)) first), variance plot, agreement plot, summary."""
         with self.registry.use(model) as e:
             pipe = e.pipe
             x, note = self._input(e, source, image, sketch, convert)
@@ -229,8 +242,7 @@ class SpaceApp:
             f"layer (percentages: variance of the autoencoder code explained by v). Orange frames: samples the classifier "
             f"does not put in class **{space.class_name(pipe, cls)}**.  \n<small>Input: {note}.</small>"
         )
-        return (space.tensor_images(s.x)[0], space.tensor_images(s.recon)[0], self._label(pipe, s.probs), grid,
-                var, agree, summary)
+        return self._label(pipe, s.probs), grid, var, agree, summary
 
     # --- Mix ------------------------------------------------------------------------------
     def mix(self, model: str, image_a: Any, image_b: Any, convert: bool):
@@ -432,15 +444,12 @@ def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concur
                             run = gr.Button("Interpret layer", variant="primary", elem_id="run-interpret")
                             run_sweep = gr.Button("Layer sweep (all layers)", variant="secondary", elem_id="run-sweep")
                         with gr.Row():
-                            model_in = gr.Image(label="Model input", format="png", height=150, interactive=False,
-                                                elem_classes="pixelated", buttons=[], elem_id="model-input")
-                            recon = gr.Image(label="Reconstruction D(E(x))", format="png", height=150,
-                                             interactive=False, elem_classes="pixelated", buttons=[], elem_id="recon")
-                            top = gr.Label(num_top_classes=5, label="Prediction (top 5)")
-                        summary = gr.Markdown(elem_id="summary")
-                        gr.Markdown("**Samples** D(t⁻¹(v | z)) with v ~ N(0, T²I); captions: the classifier's prediction; "
-                                    "orange frames: a class other than the input's", elem_id="samples-title")
-                        gallery = ResultImage("Samples", "samples")
+                            top = gr.Label(num_top_classes=5, label="Prediction (top 5)", min_width=160)
+                            summary = gr.Markdown(elem_id="summary")
+                        gr.Markdown("The model input, its reconstruction D(E(x)) and the **samples** D(t⁻¹(v | z)) with "
+                                    "v ~ N(0, T²I); captions: the classifier's prediction; orange frames: a class other "
+                                    "than the input's", elem_id="samples-title")
+                        samples_img = ResultImage("Model input, reconstruction and samples", "samples")
                 with gr.Accordion("Layer sweep: every layer, the same v (click \"Layer sweep\")", open=False) as sweep_box:
                     sweep_md = gr.Markdown(elem_id="sweep-summary")
                     sweep_img = ResultImage("Layer sweep", "sweep")
@@ -552,11 +561,12 @@ def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concur
         dice.click(lambda: random.randint(0, 2**31 - 1), None, seed, queue=False, api_visibility="private")
 
         interp_in = [model, source, image, sketch, convert, layer, n, temperature, seed]
-        interp_out = [model_in, recon, top, gallery, summary]
+        interp_out = [top, samples_img, summary]
         sweep_in = [model, source, image, sketch, convert, n, temperature, seed]
-        sweep_out = [model_in, recon, top, sweep_img, var_plot, agree_plot, sweep_md]
-        run.click(ui_errors(app.interpret), interp_in, interp_out, api_name="interpret", **go)
-        sweep_ui = ui_errors(app.sweep)
+        sweep_out = [top, sweep_img, var_plot, agree_plot, sweep_md]
+        interpret_ui = image_files(ui_errors(app.interpret), samples_img.GRADIO_CACHE)
+        run.click(interpret_ui, interp_in, interp_out, api_name="interpret", **go)
+        sweep_ui = image_files(ui_errors(app.sweep), samples_img.GRADIO_CACHE)
 
         def sweep_and_open(*args):
             return (*sweep_ui(*args), gr.Accordion(open=True))
@@ -571,7 +581,7 @@ def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concur
         (examples.click(lambda m, i: (pick(m, i), "upload", gr.Tabs(selected="upload")), [model, examples],
                         [image, source, input_tabs],
                         api_visibility="private", queue=False)
-         .success(ui_errors(app.interpret), interp_in, interp_out, api_visibility="private", **go))
+         .success(interpret_ui, interp_in, interp_out, api_visibility="private", **go))
         (adv_examples.click(pick, [model, adv_examples], adv_image, api_visibility="private", queue=False)
          .success(ui_errors(app.attack), attack_in, attack_out, api_visibility="private", **go))
         (mix_examples.click(lambda m, i: (pick(m, i, 0), pick(m, i, 1)), [model, mix_examples], [img_a, img_b],

@@ -29,6 +29,7 @@ from invint_hub.space import (
     load_image,
     sample_grid,
     sketch_to_image,
+    tensor_images,
     stroke_mask,
     to_model_domain,
 )
@@ -40,6 +41,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*(no_silent_downcasting|copy ke
 def grid_shape(img: Image.Image, cell: int = 64, gap: int = 4, caption: int = 16) -> tuple[int, int]:
     """(rows, columns) of a captioned ``sample_grid`` image, read off its size."""
     return (img.height - gap) // (cell + caption + gap), (img.width - gap) // (cell + gap)
+
+
+def samples_shape(img: Image.Image) -> tuple[int, int]:
+    """(rows, columns) of the samples in Interpret's image: input and reconstruction (128 px cells, 268 px wide
+    with gaps), an 8 px separator, then a captioned sample grid below a 20 px title band."""
+    return (img.height - 24) // 84, (img.width - 276 - 4) // 68
 
 
 HAVE_MNIST = default_data_dir() is not None and any((default_data_dir() / "mnist").glob("test-*.parquet"))
@@ -241,7 +248,7 @@ def test_an_upload_is_decoded_once(space_app, registry, example, monkeypatch):
     monkeypatch.setattr(inputs, "open_image", lambda v: opened.append(v) or real(v))
     img = app.SafeImage(render=False).preprocess({"path": example, "meta": {"_type": "gradio.FileData"}})
     assert len(opened) == 1 and isinstance(img, Image.Image)
-    assert grid_shape(space_app.interpret(registry.default, "upload", img, None, True, "logits", 2, 1.0, 0)[3]) == (1, 2)
+    assert samples_shape(space_app.interpret(registry.default, "upload", img, None, True, "logits", 2, 1.0, 0)[1]) == (1, 2)
     assert len(space_app.attack(registry.default, img, False, 0.1, 0)) == 8
     assert len(opened) == 1
 
@@ -283,44 +290,48 @@ def test_sign_noise_is_seeded_and_exact():
 # ---------------------------------------------------------------------------------------
 def test_interpret_handler(space_app, registry, example, tiny):
     m = registry.default
-    inp, rec, top, grid, summary = space_app.interpret(m, "upload", example, None, False, "logits", 6, 1.0, 3)
-    assert isinstance(grid, Image.Image) and grid_shape(grid) == (1, 6)  # one image file with the 6 samples
-    assert grid_shape(space_app.interpret(m, "upload", example, None, False, "logits", 20, 1.0, 3)[3]) == (3, 8)
+    top, grid, summary = space_app.interpret(m, "upload", example, None, False, "logits", 6, 1.0, 3)
+    assert isinstance(grid, Image.Image) and samples_shape(grid) == (1, 6)  # one image: input, recon, 6 samples
+    assert samples_shape(space_app.interpret(m, "upload", example, None, False, "logits", 20, 1.0, 3)[1]) == (3, 8)
     assert set(top) <= set(tiny.class_names) and 0 < sum(top.values()) <= 1.0001
-    assert isinstance(inp, Image.Image) and isinstance(rec, Image.Image)
     assert "`logits`" in summary and "6 samples" in summary
-    again = space_app.interpret(m, "upload", example, None, False, "logits", 6, 1.0, 3)[3]
-    other = space_app.interpret(m, "upload", example, None, False, "logits", 6, 1.0, 4)[3]
+    x = tiny.preprocess(load_image(example))
+    shown = np.asarray(grid)[24:24 + 128, 4:4 + 128]  # the model input's cell, 128 px
+    want = np.asarray(tensor_images(x, 128)[0].resize((128, 128), Image.Resampling.NEAREST))
+    assert np.array_equal(shown, want)  # the model's input pixels, exactly (lossless, nearest neighbour)
+    again = space_app.interpret(m, "upload", example, None, False, "logits", 6, 1.0, 3)[1]
+    other = space_app.interpret(m, "upload", example, None, False, "logits", 6, 1.0, 4)[1]
     assert np.array_equal(np.asarray(grid), np.asarray(again)) and not np.array_equal(np.asarray(grid), np.asarray(other))
 
 
 def test_interpret_grid_shows_the_samples_and_their_classes(space_app, registry, example, tiny, monkeypatch):
-    """The grid holds each sample's pixels and a caption with its predicted class; the handler passes them on."""
+    """The image holds the input, the reconstruction, each sample and a caption with its predicted class."""
     seen = {}
-    real = app.space.sample_grid
-    monkeypatch.setattr(app.space, "sample_grid", lambda s, caps, marks: seen.update(s=s, caps=caps, marks=marks)
-                        or real(s, caps, marks))
-    grid = space_app.interpret(registry.default, "upload", example, None, False, "logits", 5, 1.0, 0)[3]
+    real = app.space.interpret_grid
+    monkeypatch.setattr(app.space, "interpret_grid", lambda x, rec, s, caps, marks: seen.update(
+        x=x, rec=rec, s=s, caps=caps, marks=marks) or real(x, rec, s, caps, marks))
+    grid = space_app.interpret(registry.default, "upload", example, None, False, "logits", 5, 1.0, 0)[1]
     x = tiny.preprocess(load_image(example))
     r = tiny.interpret(x, "logits", 5, 1.0, 0)
-    assert torch.allclose(seen["s"], r.samples)
+    assert torch.allclose(seen["x"], r.x[0]) and torch.allclose(seen["rec"], r.recon[0], atol=1e-5)
+    assert torch.allclose(seen["s"], r.samples, atol=1e-5)
     assert seen["caps"] == [tiny.class_names[int(c)] for c in r.sample_pred]
     assert seen["marks"] == [int(c) != int(r.probs.argmax()) for c in r.sample_pred]
-    assert grid_shape(grid) == (1, 5)
+    assert samples_shape(grid) == (1, 5)
 
 
 def test_interpret_handler_with_a_drawing(space_app, registry):
     sketch = {"background": None, "layers": [], "composite": digit_drawing(280).convert("RGBA")}
     out = space_app.interpret(registry.default, "draw", None, sketch, True, "conv1", 4, 0.5, 0)
-    assert grid_shape(out[3]) == (1, 4) and "drawing" in out[4]
+    assert samples_shape(out[1]) == (1, 4) and "drawing" in out[2]
 
 
 def test_sweep_handler(space_app, registry, example, tiny):
-    inp, rec, top, grid, var, agree, summary = space_app.sweep(registry.default, "upload", example, None, False, 5, 1.0, 0)
+    top, grid, var, agree, summary = space_app.sweep(registry.default, "upload", example, None, False, 5, 1.0, 0)
     assert list(var["layer"]) == tiny.layers and list(agree["layer"]) == tiny.layers
     assert ((agree.iloc[:, 1] >= 0) & (agree.iloc[:, 1] <= 100)).all()
     assert (var.iloc[:, 1] >= 0).all()
-    small = space_app.sweep(registry.default, "upload", example, None, False, 2, 1.0, 0)[3]
+    small = space_app.sweep(registry.default, "upload", example, None, False, 2, 1.0, 0)[1]
     assert grid.height > 0 and grid.width > small.width  # one column per sample
 
 
@@ -578,10 +589,10 @@ def test_client_drives_all_views(client, registry, example):
 
     m = registry.default
     out = client.predict(m, handle_file(example), None, False, "logits", 5, 1.0, 0, api_name="/interpret")
-    assert grid_shape(Image.open(out[3])) == (1, 5)  # the samples come as one downloaded grid image
-    assert out[2]["label"] in registry.get(None).pipe.class_names
+    assert samples_shape(Image.open(out[1])) == (1, 5)  # input, recon and samples come as one downloaded image
+    assert out[0]["label"] in registry.get(None).pipe.class_names
     sweep = client.predict(m, handle_file(example), None, False, 3, 1.0, 0, api_name="/layer_sweep")
-    assert Path(sweep[3]).is_file()
+    assert Path(sweep[1]).is_file() and Image.open(sweep[1]).width > 400
     mixed = client.predict(m, handle_file(example), handle_file(example), False, api_name="/mix")
     assert Path(mixed[0]).is_file()
     adv = client.predict(m, handle_file(example), False, 0.1, 0, api_name="/adversarial")
@@ -633,7 +644,7 @@ def test_client_bad_inputs_get_one_line_and_server_stays_up(client, server, regi
         assert "\n" not in msg and "Traceback" not in msg and "image" in msg, (name, msg)
     for name, path in odd_image_files.items():
         out = client.predict(m, handle_file(str(path)), None, False, "conv1", 2, 1.0, 0, api_name="/interpret")
-        assert grid_shape(Image.open(out[3])) == (1, 2), name
+        assert samples_shape(Image.open(out[1])) == (1, 2), name
     with pytest.raises(AppError, match="no image"):
         client.predict(m, None, None, False, "conv1", 2, 1.0, 0, api_name="/interpret")
     assert _alive(server.local_url) < 5
