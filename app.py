@@ -227,13 +227,8 @@ class SpaceApp:
             s = pipe.layer_sweep(x, *space.check_sampling(min(int(n), 16), temperature, seed))
         layers = list(s.samples)
         cls = int(s.probs.argmax())
-        rows = [[s.x[0], s.recon[0]] + list(s.samples[l]) for l in layers]
-        caps = [[None, None] + [space.class_name(pipe, int(c)) for c in s.sample_pred[l]] for l in layers]
-        marks = [[False, False] + [int(c) != cls for c in s.sample_pred[l]] for l in layers]
         labels = [f"{l}  ({_pct(s.variance_explained[l])})" for l in layers]
-        ncols = max(len(r) for r in rows)
-        cols = ["input", "D(E(x))"] + [f"v{j + 1}" for j in range(ncols - 2)]
-        grid = space.compose_grid(rows, labels, cols, caps, cell=64, highlight=marks)
+        grid = space.sweep_grid(s, functools.partial(space.class_name, pipe), labels)
         var = pd.DataFrame({"layer": layers,
                             "variance explained by v (%)": [100 * (s.variance_explained[l] or 0.0) for l in layers]})
         agree = pd.DataFrame({"layer": layers, "class agreement (%)": [100 * s.class_agreement[l] for l in layers]})

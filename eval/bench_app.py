@@ -9,8 +9,8 @@ Compute = the pipeline's batched views (``InvariancePipeline.interpret``, ``laye
 input decoding, rendering and transport. ``--client`` starts ``python app.py`` as a subprocess on a
 free loopback port and times requests through ``gradio_client`` (upload, queue, handler, and the result
 files downloaded, as a user's client does; ``--no-downloads`` leaves them on the server). What a browser
-user waits for is measured by ``eval/bench_browser.py``. ``--startup N`` times N cold starts of ``app.py``; ``--stress S`` runs
-concurrent clients (with downloads) against the subprocess for S seconds. Latency depends on the architecture, not on
+user waits for is measured by ``eval/bench_browser.py``. ``--startup N`` times N cold starts of ``app.py``;
+``--stress S`` runs concurrent clients (with downloads) against the subprocess for S seconds. Latency depends on the architecture, not on
 the weights, so ``--random-from-config`` measures a pipeline before its training is done.
 CPU time (process time of all threads of this process) is printed next to the wall time: on a shared
 machine the wall time includes waiting for the CPU, the CPU time does not (for client requests it

@@ -409,6 +409,31 @@ def test_compose_grid_labels_and_size():
         compose_grid([])
 
 
+def test_png_file_is_lossless_once_per_content_and_leaves_no_partial_files(tmp_path):
+    from invint_hub.space import png_file
+
+    a = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    b = a.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    pa = png_file(a, tmp_path, "grid")
+    assert png_file(a, tmp_path, "grid") == pa and Path(pa).name == "grid.png"  # the same content: the same file
+    mtime = Path(pa).stat().st_mtime_ns
+    png_file(a, tmp_path, "grid")
+    assert Path(pa).stat().st_mtime_ns == mtime  # not rewritten (a concurrent download never sees it truncated)
+    pb = png_file(b, tmp_path, "grid")
+    assert pb != pa
+    assert np.array_equal(np.asarray(Image.open(pa)), np.asarray(a))
+    assert np.array_equal(np.asarray(Image.open(pb)), np.asarray(b))
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["grid.png", "grid.png"]  # no temp files
+
+
+def test_image_files_hands_gradio_cached_png_paths(tmp_path):
+    img = Image.new("RGB", (8, 8), "red")
+    out = app.image_files(lambda *a: ({"1": 0.9}, img, "text"), str(tmp_path))("any")
+    assert out[0] == {"1": 0.9} and out[2] == "text"
+    assert Path(out[1]).is_file() and Path(out[1]).is_relative_to(tmp_path)
+    assert np.array_equal(np.asarray(Image.open(out[1])), np.asarray(img))
+
+
 def test_sample_grid_rows_captions_and_frames():
     ims = [torch.full((1, 8, 8), -1.0) for _ in range(10)]  # black cells
     g = sample_grid(ims, [str(i) for i in range(10)], [i == 9 for i in range(10)], columns=4, cell=32)

@@ -21,11 +21,11 @@ from .inputs import (
     to_model_domain,
 )
 from .registry import ModelEntry, ModelRegistry, build_examples, generated_examples
-from .render import class_name, compose_grid, interpret_grid, png_file, sample_grid, tensor_images, upscale
+from .render import class_name, compose_grid, interpret_grid, png_file, sample_grid, sweep_grid, tensor_images, upscale
 
 __all__ = [
     "DOMAINS", "MAX_SAMPLES", "center_digit", "check_sampling", "input_domain", "load_image", "one_line",
     "prepare_input", "sketch_to_image", "stroke_mask", "to_model_domain", "ModelEntry", "ModelRegistry",
-    "build_examples", "generated_examples", "class_name", "compose_grid", "interpret_grid", "png_file", "sample_grid", "tensor_images",
-    "upscale",
+    "build_examples", "generated_examples", "class_name", "compose_grid", "interpret_grid", "png_file", "sample_grid",
+    "sweep_grid", "tensor_images", "upscale",
 ]

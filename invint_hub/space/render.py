@@ -7,13 +7,13 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..images import to_pil
-from ..pipeline import InvariancePipeline
+from ..pipeline import InvariancePipeline, LayerSweep
 
 _FONTS: dict[int, Any] = {}
 
@@ -125,6 +125,19 @@ def interpret_grid(
     draw.text((left.width + 12, head / 2 + 1), f"{len(list(samples))} samples: the same z, new v", fill=(60, 60, 60),
               font=font(12), anchor="lm")
     return canvas
+
+
+def sweep_grid(s: LayerSweep, class_name: Callable[[int], str], row_labels: list[str] | None = None) -> Image.Image:
+    """The layer sweep as one image: a row per layer with the input, D(E(x)) and the same v samples decoded with
+    that layer's z, captioned with their class; orange frames: a class other than the input's."""
+    layers = list(s.samples)
+    cls = int(s.probs.argmax())
+    rows = [[s.x[0], s.recon[0]] + list(s.samples[l]) for l in layers]
+    caps = [[None, None] + [class_name(int(c)) for c in s.sample_pred[l]] for l in layers]
+    marks = [[False, False] + [int(c) != cls for c in s.sample_pred[l]] for l in layers]
+    ncols = max(len(r) for r in rows)
+    cols = ["input", "D(E(x))"] + [f"v{j + 1}" for j in range(ncols - 2)]
+    return compose_grid(rows, row_labels or layers, cols, caps, cell=64, highlight=marks)
 
 
 def _fit(text: str, f, width: int) -> str:
