@@ -45,9 +45,6 @@ every v ~ N(0, I) decodes, through D(t⁻¹(v | z)), to an image the layer canno
 CSS = """
 .pixelated img { image-rendering: pixelated; }
 .input-image img { image-rendering: pixelated; width: 100% !important; height: 100% !important; object-fit: contain; }
-#samples .grid-container { grid-template-columns: repeat(8, minmax(0, 1fr)) !important; }
-#samples .grid-wrap { height: auto !important; min-height: 0 !important; max-height: 460px; }
-#samples { height: auto !important; }
 #mix-examples td, #concept-examples td { padding: 2px 8px !important; }
 #mix-examples .container, #mix-examples img, #concept-examples .container, #concept-examples img {
   width: 40px !important; height: 40px !important; }
@@ -115,6 +112,18 @@ def ui_errors(fn: Callable) -> Callable:
         except Exception as e:  # a bug: log it, show one line
             log.exception("handler %s failed", fn.__name__)
             raise gr.Error(f"internal error ({e.__class__.__name__}): {space.one_line(e)}", print_exception=False) from None
+
+    return wrapper
+
+
+def image_files(fn: Callable, folder: str) -> Callable:
+    """Hand the handler's PIL images to Gradio as PNG files already in its cache ``folder`` (``space.png_file``):
+    written once per content and atomically, so concurrent requests for the same image never fetch a partly
+    rewritten file, and Gradio neither re-encodes nor copies them."""
+
+    @functools.wraps(fn)
+    def wrapper(*args):
+        return tuple(space.png_file(o, folder) if isinstance(o, Image.Image) else o for o in fn(*args))
 
     return wrapper
 
@@ -245,42 +254,40 @@ class SpaceApp:
     # --- Interpret ---------------------------------------------------------------------
     def interpret(self, model: str, source: str, image: Any, sketch: Any, convert: bool, layer: str,
                   n: float, temperature: float, seed: float):
-        """-> model input, reconstruction, top-k, samples [(image, class)], summary."""
+        """-> top-k, one image (model input, reconstruction, the samples captioned with their class), summary."""
         with self.registry.use(model) as e:
             pipe = e.pipe
             x, note = self._input(e, source, image, sketch, convert)
             r = pipe.interpret(x, layer, *space.check_sampling(n, temperature, seed))
-        cls = space.class_name(pipe, int(r.probs.argmax()))
-        gallery = [(im, space.class_name(pipe, int(c))) for im, c in zip(space.tensor_images(r.samples, 96), r.sample_pred)]
+        c_in = int(r.probs.argmax())
+        cls = space.class_name(pipe, c_in)
+        preds = [int(c) for c in r.sample_pred]
+        # one image per click, not N + 2 files: each file is a request (browser) or a download (client)
+        grid = space.interpret_grid(r.x[0], r.recon[0], r.samples, [space.class_name(pipe, c) for c in preds],
+                                    [c != c_in for c in preds])
         summary = (
             f"**Layer `{layer}`**: v accounts for **{_pct(r.variance_explained)}** of the autoencoder code's variance "
             f"(0% = the layer pins the image down, 100% = it keeps nothing of it); **{_pct(r.class_agreement)}** of the "
-            f"{len(gallery)} samples are classified as **{cls}**, like the input.  \n<small>Input: {note}.</small>"
+            f"{len(preds)} samples are classified as **{cls}**, like the input.  \n<small>Input: {note}.</small>"
         )
         extra = "  \n".join(t for t in (
             self.domain_warning(pipe, r.domain_score, r.out_of_domain),
             self._cosine_line(layer, r.reencode_cosine, r.random_pair_cosine)
             + " — how much of x's representation the samples keep (1 = all of it)",
             self._variance_note({layer: r.variance_ratio})) if t)
-        return (space.tensor_images(r.x)[0], space.tensor_images(r.recon)[0], self._label(pipe, r.probs), gallery, summary,
-                extra)
+        return self._label(pipe, r.probs), grid, summary, extra
 
     def sweep(self, model: str, source: str, image: Any, sketch: Any, convert: bool,
               n: float, temperature: float, seed: float):
-        """-> model input, reconstruction, top-k, grid (rows = layers), variance plot, agreement plot, summary."""
+        """-> top-k, grid (rows = layers; the input and D(E(x)) first), variance plot, agreement plot, summary."""
         with self.registry.use(model) as e:
             pipe = e.pipe
             x, note = self._input(e, source, image, sketch, convert)
             s = pipe.layer_sweep(x, *space.check_sampling(min(int(n), 16), temperature, seed))
         layers = list(s.samples)
         cls = int(s.probs.argmax())
-        rows = [[s.x[0], s.recon[0]] + list(s.samples[l]) for l in layers]
-        caps = [[None, None] + [space.class_name(pipe, int(c)) for c in s.sample_pred[l]] for l in layers]
-        marks = [[False, False] + [int(c) != cls for c in s.sample_pred[l]] for l in layers]
         labels = [f"{l}  ({_pct(s.variance_explained[l])})" for l in layers]
-        ncols = max(len(r) for r in rows)
-        cols = ["input", "D(E(x))"] + [f"v{j + 1}" for j in range(ncols - 2)]
-        grid = space.compose_grid(rows, labels, cols, caps, cell=64, highlight=marks)
+        grid = space.sweep_grid(s, functools.partial(space.class_name, pipe), labels)
         var = pd.DataFrame({"layer": layers,
                             "variance explained by v (%)": [100 * (s.variance_explained[l] or 0.0) for l in layers]})
         agree = pd.DataFrame({"layer": layers, "class agreement (%)": [100 * s.class_agreement[l] for l in layers]})
@@ -296,8 +303,7 @@ class SpaceApp:
                         + (f" (random {s.random_pair_cosine[l]:.2f})" if s.random_pair_cosine[l] is not None else "")
                         for l in layers),
             self._variance_note(s.variance_ratio)) if t)
-        return (space.tensor_images(s.x)[0], space.tensor_images(s.recon)[0], self._label(pipe, s.probs), grid,
-                var, agree, summary, extra)
+        return self._label(pipe, s.probs), grid, var, agree, summary, extra
 
     # --- Mix ------------------------------------------------------------------------------
     def mix(self, model: str, image_a: Any, image_b: Any, convert: bool):
@@ -552,20 +558,15 @@ def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concur
                             run = gr.Button("Interpret layer", variant="primary", elem_id="run-interpret")
                             run_sweep = gr.Button("Layer sweep (all layers)", variant="secondary", elem_id="run-sweep")
                         with gr.Row():
-                            model_in = gr.Image(label="Model input", format="png", height=150, interactive=False,
-                                                elem_classes="pixelated", buttons=[])
-                            recon = gr.Image(label="Reconstruction D(E(x))", format="png", height=150,
-                                             interactive=False, elem_classes="pixelated", buttons=[])
-                            top = gr.Label(num_top_classes=5, label="Prediction (top 5)")
-                        summary = gr.Markdown(elem_id="summary")
+                            top = gr.Label(num_top_classes=5, label="Prediction (top 5)", min_width=160)
+                            summary = gr.Markdown(elem_id="summary")
                         interp_extra = gr.Markdown(elem_id="interpret-extra")
-                        gr.Markdown("**Samples** D(t⁻¹(v | z)) with v ~ N(0, T²I); captions: the classifier's prediction",
-                                    elem_id="samples-title")
-                        gallery = gr.Gallery(label="Samples", show_label=False, columns=8, height=None, format="png",
-                                             object_fit="contain",
-                                             elem_id="samples", elem_classes="pixelated", allow_preview=True)
+                        gr.Markdown("The model input, its reconstruction D(E(x)) and the **samples** D(t⁻¹(v | z)) with "
+                                    "v ~ N(0, T²I); captions: the classifier's prediction; orange frames: a class other "
+                                    "than the input's", elem_id="samples-title")
+                        samples_img = ResultImage("Model input, reconstruction and samples", "samples")
                 with gr.Accordion("Layer sweep: every layer, the same v (click \"Layer sweep\")", open=False) as sweep_box:
-                    sweep_md = gr.Markdown()
+                    sweep_md = gr.Markdown(elem_id="sweep-summary")
                     sweep_extra = gr.Markdown(elem_id="sweep-extra")
                     sweep_img = ResultImage("Layer sweep", "sweep")
                     with gr.Row():
@@ -686,11 +687,12 @@ def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concur
         dice.click(lambda: random.randint(0, 2**31 - 1), None, seed, queue=False, api_visibility="private")
 
         interp_in = [model, source, image, sketch, convert, layer, n, temperature, seed]
-        interp_out = [model_in, recon, top, gallery, summary, interp_extra]
+        interp_out = [top, samples_img, summary, interp_extra]
         sweep_in = [model, source, image, sketch, convert, n, temperature, seed]
-        sweep_out = [model_in, recon, top, sweep_img, var_plot, agree_plot, sweep_md, sweep_extra]
-        run.click(ui_errors(app.interpret), interp_in, interp_out, api_name="interpret", **go)
-        sweep_ui = ui_errors(app.sweep)
+        sweep_out = [top, sweep_img, var_plot, agree_plot, sweep_md, sweep_extra]
+        interpret_ui = image_files(ui_errors(app.interpret), samples_img.GRADIO_CACHE)
+        run.click(interpret_ui, interp_in, interp_out, api_name="interpret", **go)
+        sweep_ui = image_files(ui_errors(app.sweep), samples_img.GRADIO_CACHE)
 
         def sweep_and_open(*args):
             return (*sweep_ui(*args), gr.Accordion(open=True))
@@ -699,8 +701,10 @@ def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concur
         attack_in = [model, adv_image, adv_convert, eps, adv_seed]
         attack_out = [adv_orig, adv_att, adv_noise, lab_orig, lab_att, lab_noise, adv_img, adv_md, adv_v_clean, adv_v_att,
                       adv_extra]
-        run_adv.click(ui_errors(app.attack), attack_in, attack_out, api_name="adversarial", **go)
-        run_mix.click(ui_errors(app.mix), [model, img_a, img_b, mix_convert], [mix_img, mix_md], api_name="mix", **go)
+        run_adv.click(image_files(ui_errors(app.attack), samples_img.GRADIO_CACHE), attack_in, attack_out,
+                      api_name="adversarial", **go)
+        run_mix.click(image_files(ui_errors(app.mix), samples_img.GRADIO_CACHE), [model, img_a, img_b, mix_convert],
+                      [mix_img, mix_md], api_name="mix", **go)
 
         # what was done to each upload, and the out-of-domain warning, as soon as it arrives
         check = ui_errors(app.check_uploads)
@@ -717,7 +721,7 @@ def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concur
         (examples.click(lambda m, i: (pick(m, i), "upload", gr.Tabs(selected="upload")), [model, examples],
                         [image, source, input_tabs],
                         api_visibility="private", queue=False)
-         .success(ui_errors(app.interpret), interp_in, interp_out, api_visibility="private", **go))
+         .success(interpret_ui, interp_in, interp_out, api_visibility="private", **go))
         (adv_examples.click(pick, [model, adv_examples], adv_image, api_visibility="private", queue=False)
          .success(ui_errors(app.attack), attack_in, attack_out, api_visibility="private", **go))
         (mix_examples.click(lambda m, i: (pick(m, i, 0), pick(m, i, 1)), [model, mix_examples], [img_a, img_b],

@@ -7,9 +7,10 @@
 Compute = the pipeline's batched views (``InvariancePipeline.interpret``, ``layer_sweep``, ``mix_layers``,
 ``attack``) called in this process on an example image, i.e. the networks of one request without
 input decoding, rendering and transport. ``--client`` starts ``python app.py`` as a subprocess on a
-free loopback port and times requests through ``gradio_client`` (upload, queue, handler, PNG files
-back): the latency a user sees. ``--startup N`` times N cold starts of ``app.py``; ``--stress S`` runs
-concurrent clients against the subprocess for S seconds. Latency depends on the architecture, not on
+free loopback port and times requests through ``gradio_client`` (upload, queue, handler, and the result
+files downloaded, as a user's client does; ``--no-downloads`` leaves them on the server). What a browser
+user waits for is measured by ``eval/bench_browser.py``. ``--startup N`` times N cold starts of ``app.py``;
+``--stress S`` runs concurrent clients (with downloads) against the subprocess for S seconds. Latency depends on the architecture, not on
 the weights, so ``--random-from-config`` measures a pipeline before its training is done.
 CPU time (process time of all threads of this process) is printed next to the wall time: on a shared
 machine the wall time includes waiting for the CPU, the CPU time does not (for client requests it
@@ -93,15 +94,17 @@ def get(url: str, timeout: float = 10) -> float:
 
 
 @contextmanager
-def app_server(app_args: list[str], timeout: float = 180):
-    """``python app.py`` on a free loopback port: yields (url, seconds until its page answered); stopped on exit."""
+def app_server(app_args: list[str], timeout: float = 180, script: str | Path | None = None):
+    """``python app.py`` (or ``script``) on a free loopback port: yields (url, seconds until its page answered);
+    stopped on exit."""
+    script = Path(script or ROOT / "app.py").resolve()
     port = free_port()
     url = f"http://{HOST}:{port}/"
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False")
     with tempfile.TemporaryFile("w+") as log:
         t0 = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--host", HOST, "--port", str(port), *app_args],
-                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, str(script), "--host", HOST, "--port", str(port), *app_args],
+                                cwd=script.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             while True:
                 if proc.poll() is not None:
@@ -125,9 +128,16 @@ def app_server(app_args: list[str], timeout: float = 180):
                 proc.wait()
 
 
-def stress(url: str, model: str, example: str, seconds: float, clients: int, layer: str) -> dict:
+def client(url: str, downloads: bool = True):
+    """A gradio_client session; with ``downloads`` it fetches every result file, as a user's client does."""
+    from gradio_client import Client
+
+    return Client(url, verbose=False, download_files=tempfile.mkdtemp(prefix="bench_dl_") if downloads else False)
+
+
+def stress(url: str, model: str, example: str, seconds: float, clients: int, layer: str, downloads: bool = True) -> dict:
     """``clients`` gradio_client sessions alternating Interpret and layer-sweep requests for ``seconds``."""
-    from gradio_client import Client, handle_file
+    from gradio_client import handle_file
 
     errors: list[str] = []
     lat: list[float] = []
@@ -136,7 +146,7 @@ def stress(url: str, model: str, example: str, seconds: float, clients: int, lay
     lock = threading.Lock()
 
     def worker(i: int) -> None:
-        c = Client(url, verbose=False, download_files=False)
+        c = client(url, downloads)
         k = 0
         while time.perf_counter() < stop:
             t = time.perf_counter()
@@ -164,10 +174,20 @@ def stress(url: str, model: str, example: str, seconds: float, clients: int, lay
     for t in threads:
         t.join()
     lat.sort()
-    return {"seconds": seconds, "clients": clients, "requests": len(lat), "errors": len(errors),
+    return {"seconds": seconds, "clients": clients, "downloads": downloads, "requests": len(lat),
+            "requests_per_s": len(lat) / seconds, "errors": len(errors),
             "error_examples": errors[:3], "latency_median_ms": 1000 * statistics.median(lat) if lat else None,
             "latency_p95_ms": 1000 * lat[int(0.95 * (len(lat) - 1))] if lat else None,
             "page_load_max_ms": 1000 * max(page) if page else None}
+
+
+def compute(res: dict, pipe, xa, xb, layer: str, n: int, runs: int, verbose: bool) -> None:
+    """In-process timings of the pipeline's batched views (the networks of one request)."""
+    res["compute_interpret"] = timed(lambda: pipe.interpret(xa, layer, n, 1.0, 0), runs, name="interpret", verbose=verbose)
+    res["compute_layer_sweep"] = timed(lambda: pipe.layer_sweep(xa, min(n, 16), 1.0, 0), runs, name="layer_sweep",
+                                       verbose=verbose)
+    res["compute_mix"] = timed(lambda: pipe.mix_layers(xa, xb), runs, name="mix_layers", verbose=verbose)
+    res["compute_adversarial"] = timed(lambda: pipe.attack(xa, 0.1, 0), runs, name="attack", verbose=verbose)
 
 
 def main(argv=None) -> dict:
@@ -182,6 +202,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--startup", type=int, default=0, metavar="N", help="time N cold starts of app.py")
     ap.add_argument("--stress", type=float, default=0, metavar="SECONDS", help="concurrent clients for SECONDS")
     ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--no-downloads", action="store_true",
+                    help="clients do not fetch the result files (gradio_client download_files=False; a browser does fetch)")
+    ap.add_argument("--no-compute", action="store_true", help="skip the in-process compute timings")
+    ap.add_argument("--app", default=None, help="the app script to serve (default: this checkout's app.py)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads, here and in app.py (default 1, as app.py)")
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--verbose", action="store_true", help="print every run")
@@ -211,20 +235,19 @@ def main(argv=None) -> dict:
           f"load average {os.getloadavg()[0]:.2f}")
 
     n, runs, verbose = args.samples, args.runs, args.verbose
-    res["compute_interpret"] = timed(lambda: pipe.interpret(xa, layer, n, 1.0, 0), runs, name="interpret", verbose=verbose)
-    res["compute_layer_sweep"] = timed(lambda: pipe.layer_sweep(xa, min(n, 16), 1.0, 0), runs, name="layer_sweep",
-                                       verbose=verbose)
-    res["compute_mix"] = timed(lambda: pipe.mix_layers(xa, xb), runs, name="mix_layers", verbose=verbose)
-    res["compute_adversarial"] = timed(lambda: pipe.attack(xa, 0.1, 0), runs, name="attack", verbose=verbose)
+    downloads = not args.no_downloads
+    res["client_downloads"] = downloads
+    if not args.no_compute:
+        compute(res, pipe, xa, xb, layer, n, runs, verbose)
 
     embedded = model in embedded_pipelines()
     app_args = (["--model", model] if embedded else ["--no-embedded", "--model", model]) + ["--threads", str(args.threads)]
     if args.client or args.stress:
-        from gradio_client import Client, handle_file
+        from gradio_client import handle_file
 
-        with app_server(app_args + ["--examples", "2"]) as (url, _):
+        with app_server(app_args + ["--examples", "2"], script=args.app) as (url, _):
             if args.client:
-                c = Client(url, verbose=False, download_files=False)
+                c = client(url, downloads)
                 convert = domain == "digit"
                 requests = {
                     "interpret": lambda: c.predict(model, handle_file(example), None, convert, layer, n, 1.0, 0,
@@ -237,12 +260,12 @@ def main(argv=None) -> dict:
                 for k, fn in requests.items():
                     res[f"client_{k}"] = timed(fn, runs, name=f"client {k}", verbose=verbose)
             if args.stress:
-                res["stress"] = stress(url, model, example, args.stress, args.clients, layer)
+                res["stress"] = stress(url, model, example, args.stress, args.clients, layer, downloads)
     if args.startup:
         times = []
         for i in range(args.startup):
             print(f"  cold start {i + 1}/{args.startup} ...", flush=True)
-            with app_server(app_args) as (_, seconds):
+            with app_server(app_args, script=args.app) as (_, seconds):
                 times.append(seconds)
         res["startup"] = {"median_s": statistics.median(times), "all_s": times}
     res["load_after"] = os.getloadavg()[0]

@@ -1,6 +1,6 @@
 """The Space in a real headless browser (Debian's chromium through Playwright).
 
-Uploads an image, runs Interpret and counts the gallery's images; draws a digit on the
+Uploads an image, runs Interpret and checks that every result image is displayed; draws a digit on the
 sketchpad; clicks the examples of the Mix and Adversarial tabs; screenshots every tab
 (into $INVINT_SCREENSHOT_DIR if set, else a temporary folder).
 """
@@ -69,8 +69,29 @@ def page(served):
         browser.close()
 
 
-def gallery_count(page) -> int:
-    return page.locator("#samples img").count()
+SRC_JS = "(sel) => Array.from(document.querySelectorAll(sel)).map((i) => i.currentSrc || i.src)"
+
+
+def wait_displayed(page, sel: str, old: list[str] | None = None) -> dict:
+    """Wait until every <img> under ``sel`` is loaded and drawn (and, given ``old`` srcs, all are new ones)."""
+    page.wait_for_function(
+        """([sel, old]) => { const ims = Array.from(document.querySelectorAll(sel));
+            return ims.length > 0 && ims.every((i) => i.complete && i.naturalWidth > 0 && !old.includes(i.currentSrc || i.src)); }""",
+        arg=[sel, old or []], timeout=TIMEOUT_MS)
+    return page.evaluate("""(sel) => Array.from(document.querySelectorAll(sel)).map((i) =>
+        ({w: i.naturalWidth, h: i.naturalHeight, shownW: i.getBoundingClientRect().width,
+          shownH: i.getBoundingClientRect().height, src: i.currentSrc || i.src}))""", sel)
+
+
+def shape(im: dict) -> tuple[int, int]:
+    """(rows, columns) of the samples in Interpret's image (input and reconstruction take the first 276 px;
+    sample cells are 64 px + a 16 px caption, gaps 4 px, below a 20 px title band)."""
+    return (im["h"] - 24) // 84, (im["w"] - 280) // 68
+
+
+def samples_shown(page) -> tuple[int, int]:
+    (im,) = wait_displayed(page, "#samples img")
+    return shape(im)
 
 
 def test_upload_and_interpret_fills_the_gallery(page, served, shots):
@@ -79,12 +100,41 @@ def test_upload_and_interpret_fills_the_gallery(page, served, shots):
     page.locator("#interpret-image input[type=file]").set_input_files(example)
     page.wait_for_selector("#interpret-image img")
     page.click("#run-interpret")
-    page.wait_for_function("document.querySelectorAll('#samples img').length >= 16", timeout=TIMEOUT_MS)
-    assert gallery_count(page) == 16  # the N slider's default
+    page.wait_for_selector("#samples img")
+    assert samples_shown(page) == (2, 8)  # the N slider's default: 16 samples in one grid image
     assert page.locator("#summary").inner_text().strip().startswith("Layer")
     page.click("#run-sweep")
     page.wait_for_selector("#sweep img")
     page.screenshot(path=str(shots / "interpret.png"), full_page=True, timeout=SHOT_MS)
+
+
+def test_interpret_and_sweep_results_are_displayed_after_each_click(page, served, shots):
+    """After a click the result image of that click (model input, reconstruction and 16 captioned samples, new
+    for a new seed) is loaded and drawn on the page at a readable size; then the sweep's grid."""
+    demo, registry = served
+    page.get_by_role("tab", name="Interpret").click()
+    page.get_by_role("tab", name="Upload / paste").click()
+    page.locator("#interpret-image input[type=file]").set_input_files(str(registry.get(None).examples[1]))
+    page.wait_for_selector("#interpret-image img")
+    shown = {}
+    for seed in (11, 12):
+        old = page.evaluate(SRC_JS, "#samples img")
+        box = page.get_by_label("Seed", exact=True)
+        box.fill(str(seed))
+        box.press("Tab")
+        page.click("#run-interpret")
+        (grid,) = wait_displayed(page, "#samples img", old)
+        shown[seed] = grid["src"]
+        assert shape(grid) == (2, 8)  # 16 samples with captions
+        assert grid["shownW"] > 600 and grid["shownH"] > 130  # drawn at a readable size, not a thumbnail
+        assert page.locator("#summary").inner_text().strip().startswith("Layer")
+    assert shown[11] != shown[12]  # each click's own result
+    old = page.evaluate(SRC_JS, "#sweep img")
+    page.click("#run-sweep")
+    (sweep,) = wait_displayed(page, "#sweep img", old)
+    assert sweep["w"] > 400 and sweep["shownW"] > 300
+    assert "invariance samples" in page.locator("#sweep-summary").inner_text()
+    page.screenshot(path=str(shots / "interpret_displayed.png"), full_page=True, timeout=SHOT_MS)
 
 
 def test_drawing_a_digit_runs_interpret(page, shots):
@@ -106,7 +156,7 @@ def test_drawing_a_digit_runs_interpret(page, shots):
     page.wait_for_function(
         "(b) => { const s = document.querySelector('#summary'); return s && s.innerText !== b && s.innerText.includes('drawing'); }",
         arg=before, timeout=TIMEOUT_MS)
-    assert gallery_count(page) == 16
+    assert samples_shown(page) == (2, 8)
     page.screenshot(path=str(shots / "draw.png"), full_page=True, timeout=SHOT_MS)
 
 
@@ -143,7 +193,8 @@ def test_bad_upload_shows_one_line_and_page_survives(served, page, bad_image_fil
         fresh.close()
     page.get_by_role("tab", name="Interpret").click()  # the first session still works
     page.click("#run-interpret")
-    page.wait_for_function("document.querySelectorAll('#samples img').length >= 16")
+    page.wait_for_selector("#samples img")
+    assert samples_shown(page) == (2, 8)
 
 
 @pytest.mark.skipif("colormnist" not in embedded_pipelines(), reason="needs the embedded ColorMNIST pipeline")

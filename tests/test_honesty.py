@@ -120,11 +120,11 @@ def test_check_uploads_warns_for_a_photo_and_not_for_a_digit(embedded_app, photo
 @needs_photos
 def test_interpret_sweep_attack_results_carry_the_warning(embedded_app, photos):
     out = embedded_app.interpret("mnist", "upload", photos[0], None, False, "fc", 4, 1.0, 0)
-    assert "Out of domain" in out[5]
-    assert "Out of domain" in embedded_app.sweep("mnist", "upload", photos[0], None, False, 2, 1.0, 0)[7]
+    assert "Out of domain" in out[3]
+    assert "Out of domain" in embedded_app.sweep("mnist", "upload", photos[0], None, False, 2, 1.0, 0)[5]
     assert "Out of domain" in embedded_app.attack("mnist", photos[0], False, 0.1, 0)[10]
     e = embedded_app.registry.get("mnist")
-    assert "Out of domain" not in embedded_app.interpret("mnist", "upload", str(e.examples[0]), None, True, "fc", 4, 1.0, 0)[5]
+    assert "Out of domain" not in embedded_app.interpret("mnist", "upload", str(e.examples[0]), None, True, "fc", 4, 1.0, 0)[3]
 
 
 def test_calibration_script_end_to_end(tmp_path):
@@ -157,8 +157,8 @@ def test_variance_explained_is_clipped_and_explained(mnist, embedded_app):
     x, k, r = found
     img = Image.fromarray(((x[0, 0].numpy() + 1) * 127.5).round().astype(np.uint8))
     out = embedded_app.interpret("mnist", "upload", img, None, False, "softmax", 16, 1.0, k)
-    assert "100%" in out[4] and "clipped at 100%" in out[5] and f"{100 * r.variance_ratio:.0f}%" in out[5]
-    assert "103%" not in out[4] or r.variance_ratio * 100 < 102.5
+    assert "100%" in out[2] and "clipped at 100%" in out[3] and f"{100 * r.variance_ratio:.0f}%" in out[3]
+    assert "103%" not in out[2] or r.variance_ratio * 100 < 102.5
 
 
 # --- odd uploads ------------------------------------------------------------------------------
@@ -201,8 +201,8 @@ def test_digits_reencode_closer_than_random_pairs(embedded_app, mnist):
     r = mnist.interpret(str(e.examples[0]), "fc", n=16)
     assert r.reencode_cosine > r.random_pair_cosine
     out = embedded_app.interpret("mnist", "upload", str(e.examples[0]), None, True, "fc", 8, 1.0, 0)
-    assert "re-encoding cosine" in out[5] and f"{r.random_pair_cosine:.2f}" in out[5]
-    sweep_extra = embedded_app.sweep("mnist", "upload", str(e.examples[0]), None, True, 4, 1.0, 0)[7]
+    assert "re-encoding cosine" in out[3] and f"{r.random_pair_cosine:.2f}" in out[3]
+    sweep_extra = embedded_app.sweep("mnist", "upload", str(e.examples[0]), None, True, 4, 1.0, 0)[5]
     assert all(f"`{l}`" in sweep_extra for l in mnist.layers) and "random" in sweep_extra
 
 

@@ -1,14 +1,19 @@
 """Rendering the Space's results: labelled image grids, nearest-neighbour upscaling, class names."""
 from __future__ import annotations
 
+import hashlib
+import io
 import math
-from typing import Any
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..images import to_pil
-from ..pipeline import InvariancePipeline
+from ..pipeline import InvariancePipeline, LayerSweep
 
 _FONTS: dict[int, Any] = {}
 
@@ -77,6 +82,64 @@ def compose_grid(
     return canvas
 
 
+def sample_grid(
+    samples: torch.Tensor | list[torch.Tensor | Image.Image],
+    captions: list[str] | None = None,
+    highlight: list[bool] | None = None,
+    columns: int = 8,
+    cell: int = 64,
+) -> Image.Image:
+    """N images as one captioned grid, ``columns`` per row (one image file instead of N: what a browser or
+    client fetches per result). ``highlight`` frames cells orange (e.g. samples whose class changed)."""
+    items = list(samples)
+    if not items:
+        raise ValueError("nothing to draw")
+    if columns < 1:
+        raise ValueError(f"columns must be >= 1, got {columns}")
+    chunk = lambda xs: [list(xs[i:i + columns]) for i in range(0, len(items), columns)]  # noqa: E731
+    return compose_grid(chunk(items), captions=chunk(captions) if captions else None, cell=cell,
+                        highlight=chunk(highlight) if highlight else None)
+
+
+def interpret_grid(
+    x: torch.Tensor | Image.Image,
+    recon: torch.Tensor | Image.Image,
+    samples: torch.Tensor | list[torch.Tensor | Image.Image],
+    captions: list[str] | None = None,
+    highlight: list[bool] | None = None,
+    columns: int = 8,
+    cell: int = 64,
+    big: int = 128,
+) -> Image.Image:
+    """Interpret's whole result as one image: the model input and its reconstruction D(E(x)) (``big`` px, left)
+    beside the captioned samples (``sample_grid``, right). One file per click: each output image is another
+    request for a browser and another download (and CPU) for a client."""
+    left = compose_grid([[x, recon]], col_labels=["model input", "reconstruction D(E(x))"], cell=big)
+    right = sample_grid(samples, captions, highlight, columns, cell)
+    head = 20  # compose_grid's column-label band: the samples start level with the input
+    canvas = Image.new("RGB", (left.width + 8 + right.width, max(left.height, head + right.height)), "white")
+    canvas.paste(left, (0, 0))
+    canvas.paste(right, (left.width + 8, head))
+    draw = ImageDraw.Draw(canvas)
+    draw.line([(left.width + 3, head), (left.width + 3, canvas.height - 4)], fill=(200, 200, 200), width=1)
+    draw.text((left.width + 12, head / 2 + 1), f"{len(list(samples))} samples: the same z, new v", fill=(60, 60, 60),
+              font=font(12), anchor="lm")
+    return canvas
+
+
+def sweep_grid(s: LayerSweep, class_name: Callable[[int], str], row_labels: list[str] | None = None) -> Image.Image:
+    """The layer sweep as one image: a row per layer with the input, D(E(x)) and the same v samples decoded with
+    that layer's z, captioned with their class; orange frames: a class other than the input's."""
+    layers = list(s.samples)
+    cls = int(s.probs.argmax())
+    rows = [[s.x[0], s.recon[0]] + list(s.samples[l]) for l in layers]
+    caps = [[None, None] + [class_name(int(c)) for c in s.sample_pred[l]] for l in layers]
+    marks = [[False, False] + [int(c) != cls for c in s.sample_pred[l]] for l in layers]
+    ncols = max(len(r) for r in rows)
+    cols = ["input", "D(E(x))"] + [f"v{j + 1}" for j in range(ncols - 2)]
+    return compose_grid(rows, row_labels or layers, cols, caps, cell=64, highlight=marks)
+
+
 def _fit(text: str, f, width: int) -> str:
     if f.getlength(text) <= width:
         return text
@@ -88,3 +151,31 @@ def _fit(text: str, f, width: int) -> str:
 def class_name(pipe: InvariancePipeline, c: int) -> str:
     names = pipe.class_names
     return names[c] if 0 <= c < len(names) else str(c)
+
+
+def png_file(img: Image.Image, folder: str | Path, name: str = "image", compress_level: int = 1) -> str:
+    """Save ``img`` as ``folder/<sha256 of the PNG>/name.png`` and return the path; atomically, once per content.
+
+    Given a path inside its cache, Gradio serves the file as it is, without encoding, hashing or copying it
+    again. Writing to a temporary name and renaming it into place means a concurrent request for the same
+    image (e.g. the same input's reconstruction) never reads a half-written file; Gradio's own saving of PIL
+    outputs rewrites such a file in place, and clients downloading it under load then get truncated bodies.
+    PNG is lossless (the model's pixels exactly); ``compress_level`` 1 encodes a few times faster than PIL's
+    default 6 for about the same size on these grids.
+    """
+    buf = io.BytesIO()
+    img.save(buf, "PNG", compress_level=compress_level)
+    data = buf.getvalue()
+    target = Path(folder) / hashlib.sha256(data).hexdigest() / f"{name}.png"
+    if target.exists():
+        return str(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return str(target)
