@@ -27,8 +27,10 @@ no network and no cached file, a ``FileNotFoundError`` names the file and where 
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Iterable
@@ -312,6 +314,9 @@ def _head_classes(model: nn.Module, state: dict[str, torch.Tensor]) -> int | Non
     return int(w.shape[0]) if w is not None else None
 
 
+_HOOK_LOCK = threading.Lock()
+
+
 class _Stop(Exception):
     """Raised by a hook once every requested layer is captured: the rest of the network is not run."""
 
@@ -400,6 +405,8 @@ class Backbone(nn.Module, HubMixin, **HUB_KWARGS):
         else:
             self.net = module if module is not None else self._build(source, arch, num_classes, self.model_kwargs)
         self._fx = None  # torchvision feature extractor for layers that are graph nodes, not modules (lazy)
+        self._hooked: set[tuple[str, str]] = set()  # taps with an installed hook (see _install)
+        self._captures: dict[int, dict] = {}  # thread id -> what its running forward_layers captures
         self._probe(layers)
 
     def init_config(self) -> dict:
@@ -628,33 +635,50 @@ class Backbone(nn.Module, HubMixin, **HUB_KWARGS):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode=self.interpolation, **kw)
         return ((x + 1) / 2 - self.mean) / self.std
 
+    # Taps are forward (pre-)hooks installed once per module and kept: a hook captures only for the thread whose
+    # forward_layers asked for it (per-thread requests in ``_captures``), so one backbone serves concurrent requests
+    # (the Space runs several at once) and no hook is added or removed while another thread runs the model.
+    def _install(self, tap: tuple[str, str]) -> None:
+        if tap in self._hooked:
+            return
+        with _HOOK_LOCK:
+            if tap in self._hooked:
+                return
+            mod = self.model.get_submodule(tap[1])
+            hook = functools.partial(self._capture, tap)  # (a partial of a bound method: deepcopy follows the copy)
+            if tap[0] == "pre":
+                mod.register_forward_pre_hook(hook)
+            else:
+                mod.register_forward_hook(hook)
+            self._hooked.add(tap)
+
+    def _capture(self, tap: tuple[str, str], mod: nn.Module, args, out=None) -> None:
+        state = self._captures.get(threading.get_ident())
+        if state is None or tap not in state["wanted"]:
+            return
+        value = args[0] if tap[0] == "pre" else out
+        state["got"][tap] = value.clone()  # later in-place ops (ReLU(inplace=True)) must not change it
+        if state["stop"] and state["wanted"] <= state["got"].keys():
+            raise _Stop
+
     def _run_hooks(self, h: torch.Tensor, taps: list[tuple[str, str]], stop: bool):
-        """Run the model on ``h`` with hooks on ``taps`` (("out" | "pre", module name)); with ``stop`` the pass
-        ends once all are captured. Returns (logits or None, {tap: tensor})."""
-        model, got = self.model, {}
-        wanted = set(taps)
-
-        def make(tap):
-            def hook(mod, args, out=None):
-                value = args[0] if tap[0] == "pre" else out
-                got[tap] = value.clone()  # later in-place ops (ReLU(inplace=True)) must not change it
-                if stop and wanted <= got.keys():
-                    raise _Stop
-
-            return hook
-
-        handles = []
-        for tap in wanted:
-            mod = model.get_submodule(tap[1])
-            handles.append(mod.register_forward_pre_hook(make(tap)) if tap[0] == "pre"
-                           else mod.register_forward_hook(make(tap)))
+        """Run the model on ``h`` capturing ``taps`` (("out" | "pre", module name)); with ``stop`` the pass ends once
+        all are captured. Returns (logits or None, {tap: tensor})."""
+        for tap in taps:
+            self._install(tap)
+        me = threading.get_ident()
+        state = {"wanted": set(taps), "got": {}, "stop": stop}
+        outer = self._captures.get(me)
+        self._captures[me] = state
         try:
-            return model(h), got
+            return self.model(h), state["got"]
         except _Stop:
-            return None, got
+            return None, state["got"]
         finally:
-            for handle in handles:
-                handle.remove()
+            if outer is None:
+                self._captures.pop(me, None)
+            else:
+                self._captures[me] = outer
 
     def forward_layers(self, x: torch.Tensor, layers: list[str] | tuple[str, ...]) -> dict[str, torch.Tensor]:
         """Representations at several layers from one pass, which stops after the deepest requested layer."""

@@ -302,3 +302,45 @@ def test_cinn_on_each_representation_kind_is_invertible_trains_and_reloads(famil
         loaded = ConditionalINN.from_pretrained(tmp_path / layer)
         with torch.no_grad():
             assert torch.equal(loaded(zbar, z)[0], v), (name, layer)
+
+
+def test_concurrent_requests_get_their_own_representations():
+    """The Space runs several requests at once on one backbone: taps capture per thread."""
+    import threading
+
+    torch.manual_seed(0)
+    b = Backbone.from_torchvision("resnet18", image_size=32, input_size=32).eval()
+    xs = [torch.rand(n, 3, 32, 32) * 2 - 1 for n in (1, 2, 3, 4)]
+    with torch.no_grad():
+        want = [b.forward_layers(x, ["layer1", "layer3", "logits"]) for x in xs]
+    errors = []
+
+    def worker(i):
+        try:
+            for _ in range(15):
+                with torch.no_grad():
+                    got = b.forward_layers(xs[i], ["layer1", "layer3", "logits"] if i % 2 else ["layer1"])
+                for k, v in got.items():
+                    assert torch.allclose(v, want[i][k], atol=1e-5), (i, k)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+
+
+def test_a_deep_copy_taps_its_own_network():
+    import copy
+
+    b = branchy()
+    c = copy.deepcopy(b)
+    with torch.no_grad():
+        for p in c.parameters():
+            p.mul_(2)
+        x = torch.rand(2, 3, 16, 16) * 2 - 1
+        assert not torch.allclose(c.representation(x, "body.b"), b.representation(x, "body.b"))
+        assert torch.allclose(c.representation(x, "logits"), c(x))
