@@ -246,28 +246,19 @@ def build_dataset(cfg: dict, split_key: str, data_dir=None, limit: int | None = 
                         label_column=cfg.get("label_column", "label"))
 
 
-class SyntheticDataset(Dataset):
+class SyntheticDataset(InMemoryDataset):
     """Random blobs with labels, for tests and dry runs without any data files."""
 
     def __init__(self, n: int, image_size: int, channels: int, num_classes: int = 10, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
-        self.labels = torch.randint(0, num_classes, (n,), generator=g)
+        labels = torch.randint(0, num_classes, (n,), generator=g)
         yy, xx = torch.meshgrid(torch.linspace(-1, 1, image_size), torch.linspace(-1, 1, image_size), indexing="ij")
-        cx = (self.labels.float() / max(num_classes - 1, 1)) * 1.2 - 0.6
+        cx = (labels.float() / max(num_classes - 1, 1)) * 1.2 - 0.6
         noise = 0.1 * torch.randn(n, 2, generator=g)
         d = (xx[None] - (cx + noise[:, 0]).view(-1, 1, 1)) ** 2 + (yy[None] - noise[:, 1].view(-1, 1, 1)) ** 2
         img = torch.exp(-d / 0.08) * 2 - 1
-        self.images = img[:, None].expand(-1, channels, -1, -1).contiguous()
-        self.class_names = [str(i) for i in range(num_classes)]
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.images[i], self.labels[i]
-
-    def get_batch(self, idx: torch.Tensor):
-        return self.images[idx], self.labels[idx]
+        super().__init__(img[:, None].expand(-1, channels, -1, -1).contiguous(), labels,
+                         [str(i) for i in range(num_classes)])
 
 
 __all__ = ["load_split", "ImageDataset", "ColorMNIST", "SyntheticDataset", "InMemoryDataset", "register_dataset",

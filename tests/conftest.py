@@ -3,6 +3,8 @@ import struct
 import zlib
 
 import pytest
+import torch.nn.functional as F
+from torch import nn
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -51,6 +53,24 @@ def odd_image_files(tmp_path_factory):
     Image.new("RGB", (1, 1), (255, 255, 255)).save(d / "one_pixel.png")
     Image.new("RGB", (300, 20), (5, 5, 5)).save(d / "wide.png")
     return {p.stem: p for p in d.iterdir()}
+
+
+class BranchyNet(nn.Module):
+    """A classifier of one's own: a residual add and a ModuleDict; its constructor arguments are required
+    (importable as ``conftest:BranchyNet``, which is what ``Backbone.from_module`` records)."""
+
+    def __init__(self, width: int, num_classes: int):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.body = nn.ModuleDict({"a": nn.Conv2d(width, width, 3, padding=1),
+                                   "b": nn.Sequential(nn.ReLU(), nn.Conv2d(width, width, 3, stride=2, padding=1))})
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        h = self.body["b"](h + self.body["a"](h))
+        return self.fc(self.pool(h).flatten(1))
 
 
 TINY = {

@@ -4,28 +4,10 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
+from conftest import BranchyNet
 from invint_hub import Backbone, InvariancePipeline
 from invint_hub.data import SyntheticDataset
-
-
-class TwoBranchNet(nn.Module):
-    """A classifier of one's own: a residual add and a ModuleDict, constructor arguments required."""
-
-    def __init__(self, width: int, num_classes: int):
-        super().__init__()
-        self.stem = nn.Conv2d(3, width, 3, padding=1)
-        self.body = nn.ModuleDict({"a": nn.Conv2d(width, width, 3, padding=1),
-                                   "b": nn.Sequential(nn.ReLU(), nn.Conv2d(width, width, 3, stride=2, padding=1))})
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(width, num_classes)
-
-    def forward(self, x):
-        h = F.relu(self.stem(x))
-        h = self.body["b"](h + self.body["a"](h))
-        return self.fc(self.pool(h).flatten(1))
 
 
 TINY_AE = {"latent_dim": 8, "width": 4, "n_down": 2}
@@ -37,7 +19,7 @@ def trained(tmp_path_factory):
     from invint_hub.train import train_pipeline
 
     torch.manual_seed(0)
-    net = TwoBranchNet(width=6, num_classes=4).eval()
+    net = BranchyNet(width=6, num_classes=4).eval()
     backbone = Backbone.from_module(net, layers=["body.a", "body.b", "pre_logits", "logits"], image_size=16,
                                     mean=[0.5] * 3, std=[0.5] * 3)
     out = tmp_path_factory.mktemp("own_model")
@@ -54,7 +36,7 @@ def test_train_pipeline_for_a_module_of_ones_own(trained):
     assert pipe.sample_invariances(x, "body.b", n=3, seed=0).shape == (2, 3, 3, 16, 16)
     assert (out / "config.yaml").is_file() and (out / "cinn" / "pre_logits" / "README.md").is_file()
     rec = json.loads((out / "backbone" / "config.json").read_text())
-    assert rec["source"] == "module" and rec["arch"].endswith(":TwoBranchNet") and rec["layers"] == pipe.layers
+    assert rec["source"] == "module" and rec["arch"].endswith(":BranchyNet") and rec["layers"] == pipe.layers
 
 
 def test_a_pipeline_takes_the_users_module_back(trained):
@@ -63,7 +45,7 @@ def test_a_pipeline_takes_the_users_module_back(trained):
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     assert torch.equal(again.sample_invariances(x, "body.a", n=2, seed=1), pipe.sample_invariances(x, "body.a", n=2, seed=1))
     with pytest.raises(ValueError, match=r"body.a was trained on representations of shape \[6, 16, 16\]; this backbone.s body.a has shape \[5, 16, 16\]"):  # another architecture: the cINNs do not fit
-        InvariancePipeline.from_pretrained(out, backbone=TwoBranchNet(width=5, num_classes=4))
+        InvariancePipeline.from_pretrained(out, backbone=BranchyNet(width=5, num_classes=4))
 
 
 def test_a_missing_subfolder_is_named(trained, tmp_path):

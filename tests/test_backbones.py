@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
+from conftest import BranchyNet
 from invint_hub import Backbone
 
 
@@ -51,27 +50,9 @@ def test_embedded_pipeline_backbone_keeps_its_layers():
 
 
 # --- any model ------------------------------------------------------------------------------------------
-class BranchyNet(nn.Module):
-    """A custom classifier with a residual add and a ModuleDict."""
-
-    def __init__(self, width: int = 8, num_classes: int = 5):
-        super().__init__()
-        self.stem = nn.Conv2d(3, width, 3, padding=1)
-        self.body = nn.ModuleDict({"a": nn.Conv2d(width, width, 3, padding=1),
-                                   "b": nn.Sequential(nn.ReLU(), nn.Conv2d(width, width, 3, stride=2, padding=1))})
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(width, num_classes)
-
-    def forward(self, x):
-        h = F.relu(self.stem(x))
-        h = h + self.body["a"](h)
-        h = self.body["b"](h)
-        return self.fc(self.pool(h).flatten(1))
-
-
 def branchy() -> Backbone:
     torch.manual_seed(0)
-    return Backbone.from_module(BranchyNet(), layers=["stem", "body.a", "body.b", "pre_logits", "logits", "softmax"],
+    return Backbone.from_module(BranchyNet(8, 5), layers=["stem", "body.a", "body.b", "pre_logits", "logits", "softmax"],
                                 image_size=16, mean=[0.5] * 3, std=[0.5] * 3, module_kwargs={"width": 8, "num_classes": 5})
 
 
