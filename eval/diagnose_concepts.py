@@ -199,6 +199,7 @@ def main():
         "baseline_hidden512": dict(sizes=EMBEDDED, hidden=512),
         "baseline_4xsteps": dict(sizes=EMBEDDED, steps=4 * S),
         "sizes_3_3_3_4xsteps": dict(sizes=[3, 3, 3, 55], steps=4 * S),
+        "sizes_2_3_3_hidden512_depth2": dict(sizes=[2, 3, 3, 56], hidden=512, depth=2),  # the paper's e width/depth
     }
     results = {}
     if Path(args.out).exists():
