@@ -45,7 +45,7 @@ def encode_pairs(ae, pairs, n, bs=500):
 def load_cache(args):
     path = Path(args.cache)
     if path.exists():
-        return torch.load(path)
+        return torch.load(path, weights_only=True)  # (a dict of tensors: nothing to unpickle)
     t0 = time.time()
     ae = Autoencoder.from_pretrained(Path(args.pipeline) / "autoencoder").eval()
     tr = ColorMNISTPairs.from_dataset(ColorMNIST("train", 32, args.data_dir, limit=args.n_train), ("digit", "fg", "bg"), seed=0)
