@@ -36,6 +36,19 @@ def _norm(c: int) -> nn.Module:
     return nn.GroupNorm(min(32, c // 4) if c >= 8 else 1, c)
 
 
+class ResBlock(nn.Module):
+    """x + conv3x3(SiLU(norm(conv3x3(SiLU(norm(x)))))), the last conv zero-initialised (starts as the identity)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.block = nn.Sequential(_norm(c), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1), _norm(c), nn.SiLU(), nn.Conv2d(c, c, 3, padding=1))
+        nn.init.zeros_(self.block[-1].weight)
+        nn.init.zeros_(self.block[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
 class Autoencoder(nn.Module, HubMixin, **HUB_KWARGS):
     """Conv encoder -> diagonal Gaussian over a ``latent_dim`` vector -> conv decoder (tanh output).
 
@@ -45,6 +58,8 @@ class Autoencoder(nn.Module, HubMixin, **HUB_KWARGS):
         latent_dim: size of z_bar (64 for 28-32 px, 128 for 64-128 px).
         width: channels of the first conv; doubles at each downsampling, capped at ``max_mult * width``.
         n_down: number of stride-2 stages (feature map side = image_size / 2**n_down).
+        res_blocks: residual 3x3 conv blocks after every encoder stage and before every decoder stage (0 = the
+            plain strided encoder/decoder; more capacity at the same latent size).
 
     The buffer ``latent_var`` holds the total variance of z_bar over the training data,
     measured after training (to express the variance of samples as a share); 0 = unknown.
@@ -58,6 +73,7 @@ class Autoencoder(nn.Module, HubMixin, **HUB_KWARGS):
         width: int = 32,
         n_down: int = 3,
         max_mult: int = 4,
+        res_blocks: int = 0,
     ):
         super().__init__()
         if image_size % (2**n_down) != 0 or image_size // (2**n_down) < 1:
@@ -67,16 +83,21 @@ class Autoencoder(nn.Module, HubMixin, **HUB_KWARGS):
         # every stage halves the resolution with a 4x4 stride-2 conv (cheap on a CPU: no full-resolution layers)
         widths = [min(width * 2**i, max_mult * width) for i in range(n_down)]
         self.bottom = image_size // 2**n_down
+        self.res_blocks = res_blocks
         enc: list[nn.Module] = [nn.Conv2d(channels, widths[0], 4, stride=2, padding=1), nn.SiLU()]
+        enc += [ResBlock(widths[0]) for _ in range(res_blocks)]
         for a, b in zip(widths[:-1], widths[1:]):
             enc += [nn.Conv2d(a, b, 4, stride=2, padding=1), _norm(b), nn.SiLU()]
+            enc += [ResBlock(b) for _ in range(res_blocks)]
         self.encoder = nn.Sequential(*enc)
         flat = widths[-1] * self.bottom**2
         self.to_params = nn.Linear(flat, 2 * latent_dim)
         self.from_latent = nn.Linear(latent_dim, flat)
         dec: list[nn.Module] = []
         for a, b in zip(widths[::-1][:-1], widths[::-1][1:]):
+            dec += [ResBlock(a) for _ in range(res_blocks)]
             dec += [_norm(a), nn.SiLU(), nn.ConvTranspose2d(a, b, 4, stride=2, padding=1)]
+        dec += [ResBlock(widths[0]) for _ in range(res_blocks)]
         dec += [_norm(widths[0]), nn.SiLU(), nn.ConvTranspose2d(widths[0], channels, 4, stride=2, padding=1), nn.Tanh()]
         self.decoder = nn.Sequential(*dec)
         self._top = widths[-1]
@@ -182,6 +203,16 @@ def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: to
     return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.0, max_weight).detach()
 
 
+def recolor_invariance(sa: torch.Tensor, sb: torch.Tensor) -> torch.Tensor:
+    """Scale-free change of latent codes between two paintings of one image: mean ||s_a - s_b||^2 over the batch
+    divided by twice the summed variance of the pooled codes (0 = unchanged; 1 = as far apart as two random images).
+
+    Dividing by the codes' own spread keeps the encoder from meeting the term by shrinking them.
+    """
+    pooled = torch.cat([sa, sb])
+    return (sa - sb).pow(2).sum(1).mean() / (2 * pooled.var(0).sum() + 1e-6)
+
+
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
     mse = (x - y).pow(2).flatten(1).mean(1)
@@ -201,5 +232,6 @@ __all__ = [
     "hinge_d_loss",
     "adaptive_weight",
     "psnr",
+    "recolor_invariance",
     "param_count",
 ]

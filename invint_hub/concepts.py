@@ -34,7 +34,7 @@ from .cinn import INN
 
 DEFAULT_RHO = 0.975  # IIN's Loss/rho
 RESIDUAL = "residual"
-COLORMNIST_CONCEPTS = ("digit", "fg", "bg", "color")  # "color" = both colours shared
+COLORMNIST_CONCEPTS = ("digit", "fg", "bg", "color", "shape")  # "color" = both colours shared, "shape" = same image
 ConceptLike = str | int | Sequence[str | int]
 
 
@@ -279,7 +279,8 @@ class ColorMNISTPairs(PairDataset):
         ``digit``: same class, other image, new colours for both (IIN's factor 0);
         ``fg``: same foreground colour, random other image, new background;
         ``bg``: same background colour, random other image, new foreground;
-        ``color``: same foreground and background colour, random other image (IIN's one "colour" factor).
+        ``color``: same foreground and background colour, random other image (IIN's one "colour" factor);
+        ``shape``: the same MNIST image repainted with new colours (the autoencoder's recolouring-invariance pairs).
     The shared concept of each pair is drawn uniformly, as in the IIN code.
     """
 
@@ -320,6 +321,7 @@ class ColorMNISTPairs(PairDataset):
         same_fg = torch.tensor([k in ("fg", "color") for k in kind])
         same_bg = torch.tensor([k in ("bg", "color") for k in kind])
         j = torch.where(same_digit, j_same, j_any)
+        j = torch.where(torch.tensor([k == "shape" for k in kind]), idx, j)
         fg_b = torch.where(same_fg[:, None], fg_a, fg_b)
         bg_b = torch.where(same_bg[:, None], bg_a, bg_b)
         xa, xb = self._paint(idx, fg_a, bg_a), self._paint(j, fg_b, bg_b)

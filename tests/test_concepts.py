@@ -194,6 +194,17 @@ def test_colormnist_pairs_share_what_they_say():
     assert not torch.equal(pairs.get_batch(torch.arange(40).flip(0))[1], s["factors"].flip(0))
 
 
+def test_colormnist_shape_pairs_repaint_the_same_image():
+    masks, labels = _masks()
+    s = ColorMNISTPairs(masks, labels, ["shape"], seed=1).sample(torch.arange(40))
+    assert torch.equal(s["j"], torch.arange(40))
+    assert not torch.equal(s["fg_a"], s["fg_b"]) and not torch.equal(s["bg_a"], s["bg_b"])
+    m = masks.float() / 255  # both halves are the same mask, each with its own colours
+    for h, (fg, bg) in enumerate(((s["fg_a"], s["bg_a"]), (s["fg_b"], s["bg_b"]))):
+        want = (bg.view(-1, 3, 1, 1) * (1 - m) + fg.view(-1, 3, 1, 1) * m) * 2 - 1
+        assert torch.allclose(s["pairs"][:, h], want)
+
+
 def test_colormnist_pairs_reject_unknown_concepts():
     masks, labels = _masks()
     with pytest.raises(ValueError, match="subset"):

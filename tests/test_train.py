@@ -232,3 +232,29 @@ def test_cached_features_train_the_same_models(trained, tiny_config, tmp_path):
     mtime = files[0].stat().st_mtime
     main(common + ["--config", str(path), "--output-dir", str(tmp_path / "cached")])  # reused, not rebuilt
     assert files[0].stat().st_mtime == mtime
+
+
+def test_recolor_invariance_needs_colormnist_and_invariant_dims(tmp_path):
+    from invint_hub.train.config import validate_config
+
+    cfg = {"data": {"name": "mnist", "image_size": 32, "channels": 1},
+           "autoencoder": {"model": {"latent_dim": 16}, "loss": {"recolor_invariance": 1.0, "invariant_dims": 10}}}
+    with pytest.raises(ValueError, match="recolor_invariance needs data.name colormnist"):
+        validate_config(cfg, "x.yaml")
+    cfg["data"] = {"name": "colormnist", "image_size": 32, "channels": 3}
+    validate_config(cfg, "x.yaml")
+    for bad in (None, 16, 0):
+        cfg["autoencoder"]["loss"]["invariant_dims"] = bad
+        with pytest.raises(ValueError, match="x.yaml: autoencoder.loss.invariant_dims"):
+            validate_config(cfg, "x.yaml")
+
+
+def test_recolor_invariance_is_scale_free_and_zero_for_equal_codes():
+    from invint_hub.autoencoder import recolor_invariance
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 8, generator=g), torch.randn(64, 8, generator=g)
+    assert recolor_invariance(a, a).item() == 0.0
+    assert abs(recolor_invariance(a, b).item() - 1.0) < 0.2  # independent codes: about 1
+    assert abs(recolor_invariance(10 * a, 10 * b).item() - recolor_invariance(a, b).item()) < 1e-4
+    assert recolor_invariance(a, a + 0.1 * b).item() < 0.02

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from ..autoencoder import Autoencoder, FeaturePerceptualLoss, PatchDiscriminator, adaptive_weight, hinge_d_loss, lpips_loss, psnr
+from ..autoencoder import Autoencoder, FeaturePerceptualLoss, recolor_invariance, PatchDiscriminator, adaptive_weight, hinge_d_loss, lpips_loss, psnr
 from ..hub import write_model_card
 from .common import (load_backbone, command_history, eval_loop, frozen, get_batch, make_dataset, make_optimizer, run_training,
                      save_component, update_pipeline_json)
@@ -17,6 +17,10 @@ def train_autoencoder(acc, cfg: dict, args, out: Path):
     t = train_settings(cfg, "autoencoder", args)
     data = data_settings(cfg)
     train_ds = make_dataset(cfg, "train_split", args, args.limit_train)
+    if lcfg["recolor_invariance"] > 0:  # pairs (B, 2, 3, S, S): one digit image painted twice with fresh colours
+        from ..concepts import ColorMNISTPairs
+
+        train_ds = ColorMNISTPairs.from_dataset(train_ds, ("shape",), seed=args.seed)
     test_ds = make_dataset(cfg, "test_split", args, args.limit_test)
     kwargs = dict(image_size=data["image_size"], channels=data["channels"])
     kwargs.update(model_settings(cfg, "autoencoder"))
@@ -55,6 +59,9 @@ def train_autoencoder(acc, cfg: dict, args, out: Path):
 
     def step_fn(x, y, step):
         model.train()
+        pairs = x.dim() == 5
+        if pairs:
+            x = x.flatten(0, 1)  # (a0, b0, a1, b1, ...)
         with acc.autocast():
             xr, post = model(x)
             l1, p = rec_loss(x, xr)
@@ -62,6 +69,11 @@ def train_autoencoder(acc, cfg: dict, args, out: Path):
             kl = post.kl().mean()
             loss = rec + lcfg["kl_weight"] * kl
             logs = {"loss": loss.detach(), "l1": l1.mean().detach(), "perceptual": p.mean().detach(), "kl": kl.detach()}
+            if pairs:
+                s = post.mean[:, : lcfg["invariant_dims"]].float().unflatten(0, (-1, 2))
+                inv = recolor_invariance(s[:, 0], s[:, 1])
+                loss = loss + lcfg["recolor_invariance"] * inv
+                logs["recolor_invariance"] = inv.detach()
             use_gan = disc is not None and step >= lcfg["disc_start"]
             if use_gan:
                 g_loss = -disc(xr).mean()
@@ -99,6 +111,7 @@ def train_autoencoder(acc, cfg: dict, args, out: Path):
     with torch.no_grad():
         n = min(len(train_ds), LATENT_VAR_IMAGES)
         x, _ = get_batch(train_ds, torch.arange(n))
+        x = x[:, 0] if x.dim() == 5 else x
         zs = torch.cat([m.encode(x[i : i + 500].to(acc.device)).sample() for i in range(0, n, 500)])
         m.latent_var.fill_(zs.float().var(0).sum().item())
     ev["latent_var"] = float(m.latent_var)
@@ -111,7 +124,10 @@ def train_autoencoder(acc, cfg: dict, args, out: Path):
             {"image": f"{m.channels}x{m.image_size}px in [-1, 1]", "latent": m.latent_dim,
              "parameters": sum(p.numel() for p in m.parameters()), "loss": f"L1 + {lcfg['perceptual_weight']} x perceptual + {lcfg['kl_weight']} x KL"
              + (f" + {lcfg['disc_weight']} x adaptive hinge GAN (from step {lcfg['disc_start']})" if disc is not None else ""),
-             "perceptual term": perceptual_desc, "steps": t["steps"], "batch size": t["batch_size"]},
+             "perceptual term": perceptual_desc, "steps": t["steps"], "batch size": t["batch_size"],
+             **({"recolouring invariance": f"{lcfg['recolor_invariance']} x normalised squared change of latent dims "
+                 f"0-{lcfg['invariant_dims'] - 1} (posterior means) between two paintings of one digit image with "
+                 "fresh colours; every training image has fresh colours"} if lcfg["recolor_invariance"] > 0 else {})},
             metrics={"test L1 (posterior mean)": ev["l1"], "test PSNR dB": ev["psnr"], "latent variance (sum over dims)": ev["latent_var"]},
             command=command_history(out, "autoencoder", args), datasets=[data["name"]],
         )

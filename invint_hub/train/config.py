@@ -31,6 +31,9 @@ CINN_CACHE = dict(cache_features=False, cache_dtype="float16", cache_max_gb=8.0)
 AUTOENCODER_LOSS = dict(
     perceptual="backbone", perceptual_weight=1.0, perceptual_layers=None, lpips_weights=None,
     kl_weight=1e-5, disc_weight=0.0, disc_start=0, disc_lr_factor=1.0,
+    # ColorMNIST only: train on pairs of one digit image painted twice with fresh colours, and ask the first
+    # ``invariant_dims`` latent dimensions (posterior means) not to change between the two paintings
+    recolor_invariance=0.0, invariant_dims=None,
 )
 # ``concepts.model``: the concept INN e (the paper's 12 blocks of width 512, depth 2)
 CONCEPT_MODEL = dict(n_flows=12, hidden=512, depth=2)
@@ -89,6 +92,7 @@ LOSS_RULES = dict(
     perceptual=(("backbone", "lpips", "none"), None), perceptual_weight=(float, _non_negative),
     perceptual_layers=(list, None), lpips_weights=(str, None), kl_weight=(float, _non_negative),
     disc_weight=(float, _non_negative), disc_start=(int, _non_negative), disc_lr_factor=(float, _positive),
+    recolor_invariance=(float, _non_negative), invariant_dims=(int, _positive),
 )
 CONCEPT_RULES = dict(pairs=(("colormnist", "labels", "attributes"), None), factors=(list, None), attributes=(dict, None),
                      factor_sizes=(None, None), rho=(float, lambda v: 0 <= v < 1), estimate_pairs=(int, _positive))
@@ -180,6 +184,16 @@ def validate_config(cfg, path: str | Path) -> None:
         _check_section(sec.get("train"), TRAIN_RULES, f"{name}.train", where)
     _check_section((cfg.get("classifier") or {}).get("pretrained"), PRETRAINED_RULES, "classifier.pretrained", where)
     _check_section((cfg.get("autoencoder") or {}).get("loss"), LOSS_RULES, "autoencoder.loss", where)
+    aloss = (cfg.get("autoencoder") or {}).get("loss") or {}
+    if (aloss.get("recolor_invariance") or 0) > 0:
+        if cfg["data"]["name"] != "colormnist":
+            raise ValueError(f"{where}: autoencoder.loss.recolor_invariance needs data.name colormnist (it repaints "
+                             f"ColorMNIST digits), got {cfg['data']['name']!r}")
+        latent = ((cfg.get("autoencoder") or {}).get("model") or {}).get("latent_dim", 64)
+        dims = aloss.get("invariant_dims")
+        if dims is None or not 0 < dims < latent:
+            raise ValueError(f"{where}: autoencoder.loss.invariant_dims must be set between 1 and latent_dim - 1 "
+                             f"({latent - 1}) when recolor_invariance > 0, got {dims!r}")
     concepts = cfg.get("concepts") or {}
     _check_section({k: v for k, v in concepts.items() if k not in ("model", "train")}, CONCEPT_RULES, "concepts", where)
     cinn = cfg.get("cinn") or {}
