@@ -96,7 +96,7 @@ CINN_CACHE_RULES = dict(cache_features=(bool, None), cache_dtype=(("float16", "f
                         cache_max_gb=(float, _positive))
 SECTIONS = {  # section -> allowed keys (model sections are checked against the model class)
     "data": set(DATA_RULES), "classifier": {"model", "train", "pretrained"},
-    "autoencoder": {"model", "loss", "train"},
+    "autoencoder": {"model", "loss", "train", "from"},
     "cinn": {"layers", "model", "layer_overrides", "train", "train_overrides", "cache_features", "cache_dtype", "cache_max_gb"},
     "concepts": {"model", "train"} | set(CONCEPT_RULES),
 }
@@ -180,6 +180,14 @@ def validate_config(cfg, path: str | Path) -> None:
         _check_section(sec.get("train"), TRAIN_RULES, f"{name}.train", where)
     _check_section((cfg.get("classifier") or {}).get("pretrained"), PRETRAINED_RULES, "classifier.pretrained", where)
     _check_section((cfg.get("autoencoder") or {}).get("loss"), LOSS_RULES, "autoencoder.loss", where)
+    ae_from = (cfg.get("autoencoder") or {}).get("from")
+    if ae_from is not None:
+        if not isinstance(ae_from, str) or not ae_from.strip():
+            raise ValueError(f"{where}: autoencoder.from = {ae_from!r}; expected the path of another pipeline folder")
+        unused = sorted(k for k in ("model", "loss", "train") if (cfg.get("autoencoder") or {}).get(k) is not None)
+        if unused:
+            raise ValueError(f"{where}: autoencoder.from reuses the autoencoder of {ae_from}, so autoencoder."
+                             f"{', autoencoder.'.join(unused)} would not be used: remove them")
     concepts = cfg.get("concepts") or {}
     _check_section({k: v for k, v in concepts.items() if k not in ("model", "train")}, CONCEPT_RULES, "concepts", where)
     cinn = cfg.get("cinn") or {}
@@ -272,6 +280,12 @@ def cinn_cache_settings(cfg: dict) -> dict:
     return {k: s.get(k, v) for k, v in CINN_CACHE.items()}
 
 
+def autoencoder_from(cfg: dict) -> str | None:
+    """``autoencoder.from``: another pipeline folder whose autoencoder this one uses by reference (None: train one)."""
+    value = section(cfg, "autoencoder").get("from")
+    return str(value) if value else None
+
+
 def autoencoder_loss(cfg: dict) -> dict:
     """``autoencoder.loss`` over ``AUTOENCODER_LOSS``."""
     return {**AUTOENCODER_LOSS, **(section(cfg, "autoencoder").get("loss") or {})}
@@ -313,5 +327,5 @@ def concept_settings(cfg: dict) -> dict:
 __all__ = [
     "SEED", "SAVE_DTYPE", "OUTPUT_ROOT", "TRAIN", "DATA", "PRETRAINED", "AUTOENCODER_LOSS", "CONCEPT_MODEL", "CONCEPTS", "load_config", "data_settings",
     "split_name", "train_settings", "pretrained_settings", "model_settings", "cinn_model_settings", "cinn_layers",
-    "autoencoder_loss", "concept_settings", "cinn_cache_settings", "validate_config",
+    "autoencoder_loss", "autoencoder_from", "concept_settings", "cinn_cache_settings", "validate_config",
 ]
