@@ -199,3 +199,78 @@ def test_compare_refuses_pipelines_on_other_autoencoders_and_bad_arguments(pipes
         a.compare(pipes["b"], image(), "logits", n=0)
     with pytest.raises(TypeError, match="compare needs another InvariancePipeline"):
         a.compare("b", image(), "logits")
+
+
+# --- the Space: registry, handler ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def compare_app(shared_ae_pipelines, tmp_path_factory):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import app
+    from invint_hub.space import ModelRegistry
+
+    root = shared_ae_pipelines
+    registry = ModelRegistry([str(root / n) for n in ("a", "b", "other_ae", "a_twin")], include_embedded=False,
+                             examples_per_model=2, example_dir=tmp_path_factory.mktemp("cmp_examples"))
+    return app, app.SpaceApp(registry), registry
+
+
+def test_registry_lists_the_models_that_share_an_autoencoder(compare_app, shared_ae_pipelines, pipes):
+    _, space_app, registry = compare_app
+    a, b, other, twin = registry.names
+    assert registry.autoencoder_id(b) == pipes["b"].autoencoder_id  # read from the file header: b is not loaded
+    assert registry._entries[b].pipe is None
+    assert registry.compare_partners(a) == [b, twin]
+    assert registry.compare_partners(other) == []
+    choices, note = space_app.compare_partners(a)
+    assert choices == [(registry.label(b), b), (registry.label(twin), twin)] and "2 models here share" in note
+    choices, note = space_app.compare_partners(other)
+    assert choices == [] and note.startswith("No other model here shares") and "nothing to compare it with" in note
+    assert space_app.compare_layers(b, "logits") == (["body.b", "logits"], "logits")
+    assert space_app.compare_layers(b, "layer2") == (["body.b", "logits"], space_app.default_layer(b))
+
+
+def test_compare_handler_shows_both_networks(compare_app, pipes):
+    from PIL import Image
+
+    _, space_app, registry = compare_app
+    a, b = registry.names[:2]
+    ex = registry.get(a).examples[0]
+    img_a, img_b, summary = space_app.compare(a, b, str(ex), False, "layer2", "body.b", 8, 1.0, 4)
+    assert isinstance(img_a, Image.Image) and isinstance(img_b, Image.Image)
+    # a title band of 44 px over a captioned grid of D(E(x)) and the 8 samples: 2 rows of 8 cells of 64 px
+    assert img_a.height == 44 + 2 * (64 + 16 + 4) + 4 and img_a.width >= 8 * 68 + 4
+    lib = pipes["a"].compare(pipes["b"], pipes["a"].preprocess(Image.open(ex)), "layer2", "body.b", n=8, seed=4)
+    for tag, side, name in (("A", lib.a, a), ("B", lib.b, b)):
+        assert (f"**{tag}: {registry.label(name)}** (`{side.network}`, layer `{side.layer}`) predicts "
+                f"**{side.class_name}** ({100 * side.probability:.0f}%)") in summary
+    assert "**same 8 invariance samples v** (seed 4, temperature 1)" in summary
+    # each grid draws the library's comparison; the two show other decodes (other networks)
+    import functools
+
+    from invint_hub import space
+    for img, side, name, pipe in ((img_a, lib.a, a, pipes["a"]), (img_b, lib.b, b, pipes["b"])):
+        tag = "A" if side is lib.a else "B"
+        want = space.compare_grid(side, lib.recon[0], functools.partial(space.class_name, pipe),
+                                  f"{tag}: {registry.label(name)} · {side.network} · layer {side.layer}")
+        assert img.size == want.size and img.tobytes() == want.tobytes()
+    assert img_a.tobytes() != img_b.tobytes()
+
+
+def test_compare_handler_errors_are_one_line(compare_app):
+    import gradio as gr
+
+    app, space_app, registry = compare_app
+    a, b, other, _ = registry.names
+    ex = str(registry.get(a).examples[0])
+    handler = app.ui_errors(space_app.compare)
+    for args, match in (((other, None, ex, False, "layer2", "layer2", 4, 1.0, 0), "No other model here shares"),
+                        ((a, other, ex, False, "layer2", "layer2", 4, 1.0, 0), "do not share an autoencoder"),
+                        ((a, b, None, False, "layer2", "body.b", 4, 1.0, 0), "give an image to compare"),
+                        ((a, b, ex, False, "layer2", "conv9", 4, 1.0, 0), r"no cINN for layer 'conv9'"),
+                        ((a, b, ex, False, "layer2", "body.b", 0, 1.0, 0), "number of samples must be between")):
+        with pytest.raises(gr.Error, match=match) as err:
+            handler(*args)
+        assert "\n" not in str(err.value.message)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..images import to_pil
-from ..pipeline import InvariancePipeline, LayerSweep
+from ..pipeline import CompareSide, InvariancePipeline, LayerSweep
 
 _FONTS: dict[int, Any] = {}
 
@@ -138,6 +138,32 @@ def sweep_grid(s: LayerSweep, class_name: Callable[[int], str], row_labels: list
     ncols = max(len(r) for r in rows)
     cols = ["input", "D(E(x))"] + [f"v{j + 1}" for j in range(ncols - 2)]
     return compose_grid(rows, row_labels or layers, cols, caps, cell=64, highlight=marks)
+
+
+def compare_grid(side: CompareSide, recon: torch.Tensor | Image.Image, class_name: Callable[[int], str],
+                 title: str, columns: int = 8, cell: int = 64) -> Image.Image:
+    """One side of ``InvariancePipeline.compare`` as one image: a title band (``title``, then the network's
+    prediction, the variance explained by v and the class agreement), then D(E(x)) and the samples with the shared
+    v, captioned with this network's class of each; orange frames: a class other than its class of the input."""
+    c = side.class_name
+    preds = [int(p) for p in side.sample_pred]
+    own = int(side.probs.argmax())
+    items = [recon] + list(side.samples)
+    caps = ["D(E(x))"] + [class_name(p) for p in preds]
+    marks = [False] + [p != own for p in preds]
+    grid = sample_grid(items, caps, marks, columns, cell)
+    ve = "n/a" if side.variance_explained is None else f"{100 * side.variance_explained:.0f}%"
+    lines = [title, f"predicts {c} ({100 * side.probability:.0f}%) · v explains {ve} · "
+                    f"{sum(p == own for p in preds)}/{len(preds)} samples {c}"]
+    f, fs = font(14), font(12)
+    head = 44
+    width = max(grid.width, int(max(f.getlength(lines[0]), fs.getlength(lines[1]))) + 12)
+    canvas = Image.new("RGB", (width, head + grid.height), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((6, 4), lines[0], fill=(30, 30, 30), font=f)
+    draw.text((6, 24), lines[1], fill=(70, 70, 70), font=fs)
+    canvas.paste(grid, (0, head))
+    return canvas
 
 
 def _fit(text: str, f, width: int) -> str:
