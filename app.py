@@ -496,8 +496,8 @@ class SpaceApp:
             x, note = space.prepare_input(ea.pipe, self._image(image), convert=convert, domain=ea.domain)
             n_, t_, s_ = space.check_sampling(n, temperature, seed)
             c = ea.pipe.compare(eb.pipe, x, layer_a, layer_b, n=n_, seed=s_, temperature=t_)  # type: ignore[union-attr]
-        grids = [space.compare_grid(side, c.recon[0], functools.partial(space.class_name, e.pipe),
-                                    f"{tag}: {e.label} · {side.network} · layer {side.layer}")
+        grids = [space.compare_grid(side, functools.partial(space.class_name, e.pipe),
+                                    f"{tag}: {side.network} · layer {side.layer}", e.label)
                  for tag, side, e in (("A", c.a, ea), ("B", c.b, eb))]
 
         def line(tag: str, side, e) -> str:
