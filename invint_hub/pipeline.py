@@ -5,7 +5,7 @@ Repository layout (local folder or Hub repo)::
     pipeline.json            # dataset, image domain, layers
     README.md                # pipeline card
     backbone/                # config.json + model.safetensors (+ README.md)
-    autoencoder/
+    autoencoder/             # or, in pipeline.json, "autoencoder": "../<sibling pipeline>/autoencoder" (shared)
     cinn/<layer>/            # one conditional INN per layer
     concepts/                # optional: the concept INN e (listed as "concepts" in pipeline.json)
 
