@@ -79,6 +79,9 @@ TRAIN_RULES = dict(
     clip_grad=(float, _non_negative), log_every=(int, _positive), eval_every=(int, _non_negative),
     checkpoint_every=(int, _non_negative), keep_checkpoints=(int, _positive), eval_samples=(int, _positive),
 )
+# ``classifier.train.augment``: batch augmentations of the classifier stage (CIFAR's standard pair)
+AUGMENTATIONS = ("crop", "flip")  # crop: pad 4 px (reflect) and take a random crop of the image size; flip: horizontal
+CLASSIFIER_TRAIN_RULES = dict(TRAIN_RULES, augment=(list, None))
 DATA_RULES = dict(
     name=(str, None), image_size=(int, lambda v: v >= 4), channels=((1, 3), None), train_split=(str, None),
     test_split=(str, None), seed=(int, None), num_classes=(int, _positive), label_column=(str, None),
@@ -177,8 +180,12 @@ def validate_config(cfg, path: str | Path) -> None:
             if key not in SECTIONS[name]:
                 raise ValueError(f"{where}: unknown key {name}.{key}; allowed: {', '.join(sorted(SECTIONS[name]))}")
         _check_model(sec.get("model"), cls, f"{name}.model", where)
-        _check_section(sec.get("train"), TRAIN_RULES, f"{name}.train", where)
+        _check_section(sec.get("train"), CLASSIFIER_TRAIN_RULES if name == "classifier" else TRAIN_RULES,
+                       f"{name}.train", where)
     _check_section((cfg.get("classifier") or {}).get("pretrained"), PRETRAINED_RULES, "classifier.pretrained", where)
+    for op in ((cfg.get("classifier") or {}).get("train") or {}).get("augment") or []:
+        if op not in AUGMENTATIONS:
+            raise ValueError(f"{where}: classifier.train.augment has {op!r}; allowed entries: {', '.join(AUGMENTATIONS)}")
     _check_section((cfg.get("autoencoder") or {}).get("loss"), LOSS_RULES, "autoencoder.loss", where)
     ae_from = (cfg.get("autoencoder") or {}).get("from")
     if ae_from is not None:
@@ -325,7 +332,7 @@ def concept_settings(cfg: dict) -> dict:
 
 
 __all__ = [
-    "SEED", "SAVE_DTYPE", "OUTPUT_ROOT", "TRAIN", "DATA", "PRETRAINED", "AUTOENCODER_LOSS", "CONCEPT_MODEL", "CONCEPTS", "load_config", "data_settings",
+    "SEED", "SAVE_DTYPE", "OUTPUT_ROOT", "TRAIN", "AUGMENTATIONS", "DATA", "PRETRAINED", "AUTOENCODER_LOSS", "CONCEPT_MODEL", "CONCEPTS", "load_config", "data_settings",
     "split_name", "train_settings", "pretrained_settings", "model_settings", "cinn_model_settings", "cinn_layers",
     "autoencoder_loss", "autoencoder_from", "concept_settings", "cinn_cache_settings", "validate_config",
 ]
