@@ -274,3 +274,15 @@ def test_compare_handler_errors_are_one_line(compare_app):
         with pytest.raises(gr.Error, match=match) as err:
             handler(*args)
         assert "\n" not in str(err.value.message)
+
+
+def test_export_keeps_the_reference_when_the_sibling_is_exported_next_to_it(shared_ae_pipelines, tmp_path):
+    from invint_hub.export import export
+
+    with pytest.raises(FileNotFoundError, match=r"autoencoder names the folder '../a/autoencoder', which does not exist"):
+        export(shared_ae_pipelines / "b", tmp_path / "alone" / "b")
+    export(shared_ae_pipelines / "a", tmp_path / "pretrained" / "a")
+    export(shared_ae_pipelines / "b", tmp_path / "pretrained" / "b")
+    assert not (tmp_path / "pretrained" / "b" / "autoencoder").exists()  # stored once
+    pa, pb = (InvariancePipeline.from_pretrained(tmp_path / "pretrained" / n) for n in ("a", "b"))
+    assert pa.autoencoder_id == pb.autoencoder_id
