@@ -462,6 +462,61 @@ class SpaceApp:
                 "8 samples of v each.\n\n" + "\n".join(lines))
 
 
+    # --- Compare ----------------------------------------------------------------------------
+    def compare_partners(self, name: str | None) -> tuple[list[tuple[str, str]], str]:
+        """(dropdown choices of the models that share ``name``'s autoencoder, a plain-words note)."""
+        e = self.registry.get(name)
+        partners = self.registry.compare_partners(e.name)
+        choices = [(self.registry.label(n), n) for n in partners]
+        if not partners:
+            return [], (f"No other model here shares **{e.label}**'s autoencoder, so there is nothing to compare it with: "
+                        "Compare decodes the same v with two networks, which needs one decoder. Pick a model that "
+                        "shares one (pipelines made with `autoencoder.from`, or whose pipeline.json names "
+                        "`../<pipeline>/autoencoder`).")
+        return choices, (f"{len(partners)} model{'s' if len(partners) > 1 else ''} here share{'' if len(partners) > 1 else 's'} "
+                         f"**{e.label}**'s autoencoder.")
+
+    def compare_layers(self, name: str | None, prefer: str | None = None) -> tuple[list[str], str | None]:
+        """(layers of ``name``, the one to select: ``prefer`` if it has it, else its default layer)."""
+        if not name:
+            return [], None
+        layers = self.registry.get(name).pipe.layers  # type: ignore[union-attr]
+        return layers, prefer if prefer in layers else self.default_layer(name)
+
+    def compare(self, model: str, model_b: str | None, image: Any, convert: bool, layer_a: str, layer_b: str,
+                n: float, temperature: float, seed: float):
+        """-> the first model's grid, the second's (the same v decoded with each network's z), summary."""
+        if not model_b:
+            raise ValueError(self.compare_partners(model)[1].replace("**", ""))
+        if image is None:
+            raise ValueError("give an image to compare the two models on")
+        if not layer_a or not layer_b:
+            raise ValueError("pick a layer for each model")
+        with self.registry.use_many(model, model_b) as (ea, eb):
+            x, note = space.prepare_input(ea.pipe, self._image(image), convert=convert, domain=ea.domain)
+            n_, t_, s_ = space.check_sampling(n, temperature, seed)
+            c = ea.pipe.compare(eb.pipe, x, layer_a, layer_b, n=n_, seed=s_, temperature=t_)  # type: ignore[union-attr]
+        grids = [space.compare_grid(side, functools.partial(space.class_name, e.pipe),
+                                    f"{tag}: {side.network} · layer {side.layer}", e.label)
+                 for tag, side, e in (("A", c.a, ea), ("B", c.b, eb))]
+
+        def line(tag: str, side, e) -> str:
+            return (f"**{tag}: {e.label}** (`{side.network}`, layer `{side.layer}`) predicts **{side.class_name}** "
+                    f"({100 * side.probability:.0f}%); v explains **{_pct(side.variance_explained)}** of the code's "
+                    f"variance; {_pct(side.class_agreement)} of its samples are {side.class_name}")
+
+        summary = (
+            f"The **same {len(c.v)} invariance samples v** (seed {s_}, temperature {t_:g}) decoded with each network's "
+            "representation z of this image: D(t_A⁻¹(v | z_A)) and D(t_B⁻¹(v | z_B)), through the one autoencoder both "
+            "share. What stays fixed in a grid is what that network's layer keeps; what the two grids change "
+            "differently is where the networks differ (the official demo's texture-bias mode).  \n"
+            + line("A", c.a, ea) + ".  \n" + line("B", c.b, eb) + "."
+            + ("  \n<small>Each grid is captioned with its own network's classes; orange frames: a class other than "
+               f"that network's class of the input. Input: {note}.</small>")
+        )
+        extra = self._variance_note({f"A {c.a.layer}": c.a.variance_ratio, f"B {c.b.layer}": c.b.variance_ratio})
+        return grids[0], grids[1], summary + (f"  \n{extra}" if extra else "")
+
     # --- Video ----------------------------------------------------------------------------
     def video(self, model: str, video_file: Any, still: Any, layer: str, convert: bool = True,
               convert_frames: bool = False, fmt: str = "mp4", progress: Any = None):
@@ -677,6 +732,7 @@ def build_demo(models: space.ModelRegistry | list[str] | None = None, max_concur
                     layers_md = gr.Markdown(elem_id="concept-layers")
 
             video_tab(app, model, default, go)
+            compare_tab(app, model, default, go)
 
             with gr.Tab("About", id="about"):
                 gr.Markdown(ABOUT)
@@ -827,6 +883,71 @@ def video_tab(app: SpaceApp, model: gr.Dropdown, default: str, go: dict) -> None
     model.change(follow_model, model, [vid_layer, vid_convert, vid_convert_frames], api_visibility="private",
                  concurrency_id="load", concurrency_limit=1)
 
+def compare_tab(app: SpaceApp, model: gr.Dropdown, default: str, go: dict) -> None:
+    """The Compare tab (one image, two pipelines that share an autoencoder, the same v), built and wired inside
+    ``build_demo``'s Tabs."""
+    e = app.registry.get(default)
+    digit = e.domain == "digit"
+    choices, note = app.compare_partners(default)
+    b0 = choices[0][1] if choices else None
+    layers_b, layer_b0 = app.compare_layers(b0, app.default_layer(default))
+    with gr.Tab("Compare", id="compare"):
+        gr.Markdown("**Two networks, one image, the same v.** Pipelines that share an autoencoder can decode the same "
+                    "invariance samples v with each network's representation z: D(t_A⁻¹(v | z_A)) beside "
+                    "D(t_B⁻¹(v | z_B)). The first model is the one chosen above.")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=280):
+                cmp_image = SafeImage(sources=["upload", "clipboard"], label="Image", height=200, format="png",
+                                      elem_classes="input-image", elem_id="compare-image")
+                cmp_convert = gr.Checkbox(value=digit, label="Convert to the model's domain", visible=digit)
+                cmp_check = gr.Markdown(elem_id="compare-check")
+                cmp_layer_a = gr.Dropdown(e.pipe.layers, value=app.default_layer(default),  # type: ignore[union-attr]
+                                          label="Layer of the first model", elem_id="compare-layer-a")
+                cmp_model_b = gr.Dropdown(choices, value=b0, label="Second model (shares the autoencoder)",
+                                          elem_id="compare-model-b")
+                cmp_note = gr.Markdown(note, elem_id="compare-note")
+                cmp_layer_b = gr.Dropdown(layers_b, value=layer_b0, label="Layer of the second model",
+                                          elem_id="compare-layer-b")
+                with gr.Row():
+                    cmp_n = gr.Slider(1, space.MAX_SAMPLES, value=16, step=1, label="Samples N")
+                    cmp_t = gr.Slider(0.0, 1.5, value=1.0, step=0.05, label="Temperature of v")
+                cmp_seed = gr.Number(0, precision=0, minimum=0, label="Seed", elem_id="compare-seed")
+                run_cmp = gr.Button("Compare", variant="primary", elem_id="run-compare")
+            with gr.Column(scale=3):
+                cmp_md = gr.Markdown(elem_id="compare-summary")
+                with gr.Row():
+                    cmp_a = ResultImage("First model: its z with the shared v", "compare-a")
+                    cmp_b = ResultImage("Second model: its z with the shared v", "compare-b")
+
+    inputs = [model, cmp_model_b, cmp_image, cmp_convert, cmp_layer_a, cmp_layer_b, cmp_n, cmp_t, cmp_seed]
+    run_cmp.click(image_files(ui_errors(app.compare), cmp_a.GRADIO_CACHE), inputs, [cmp_a, cmp_b, cmp_md],
+                  api_name="compare", **go)
+    check = ui_errors(app.check_uploads)
+    for c in (cmp_convert, cmp_image):
+        c.change(check, [model, cmp_convert, cmp_image], cmp_check, api_visibility="private", queue=False)
+
+    @ui_errors
+    def follow_model(name: str):
+        digit_ = app.registry.get(name).domain == "digit"
+        layers_ = app.registry.get(name).pipe.layers  # type: ignore[union-attr]
+        choices_, note_ = app.compare_partners(name)
+        b = choices_[0][1] if choices_ else None
+        lb, vb = app.compare_layers(b, app.default_layer(name))
+        return (gr.Dropdown(choices=layers_, value=app.default_layer(name)), gr.Dropdown(choices=choices_, value=b),
+                note_, gr.Dropdown(choices=lb, value=vb), gr.Checkbox(value=digit_, visible=digit_))
+
+    model.change(follow_model, model, [cmp_layer_a, cmp_model_b, cmp_note, cmp_layer_b, cmp_convert],
+                 api_visibility="private", concurrency_id="load", concurrency_limit=1)
+
+    @ui_errors
+    def follow_model_b(name: str | None, layer_a: str | None):
+        lb, vb = app.compare_layers(name, layer_a)
+        return gr.Dropdown(choices=lb, value=vb)
+
+    cmp_model_b.change(follow_model_b, [cmp_model_b, cmp_layer_a], cmp_layer_b, api_visibility="private",
+                       concurrency_id="load", concurrency_limit=1)
+
+
 ABOUT = """
 ### How to read the views
 * **Interpret**: N samples D(t⁻¹(v | z)) for one layer. The samples share the layer's representation z of your image
@@ -841,6 +962,9 @@ ABOUT = """
 * **Concepts** (pipelines with a concept INN e, e.g. the embedded colormnist): e splits the autoencoder code into
   semantic factors (for ColorMNIST: digit, foreground colour, background colour, residual), learned from pairs of
   images that share one concept. *Transfer* swaps one factor between two images; *Edit* moves along a factor.
+* **Compare**: one image, two pipelines that share an autoencoder: the same v samples decoded with each network's
+  representation, D(t_A⁻¹(v | z_A)) beside D(t_B⁻¹(v | z_B)) (the official demo's texture-bias mode, which compared an
+  ImageNet and a Stylized-ImageNet ResNet-50). The second model menu lists only models on the same autoencoder.
 * **Video**: each frame's invariances v = t(E(frame) | Φ(frame)) decoded with a still image's representation,
   D(t⁻¹(v | Φ(still))), beside the frames (the official demo's video mode): the still's content moving as the video does,
   as far as the layer is invariant to that motion.

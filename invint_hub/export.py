@@ -2,7 +2,9 @@
 
     python -m invint_hub.export runs/mnist invint_hub/pretrained/mnist
 
-The copy is loaded once to check that it is complete.
+The copy is loaded once to check that it is complete. A pipeline whose ``pipeline.json`` names a sibling's
+autoencoder (``"../cifar10/autoencoder"``) keeps that reference: export the sibling first, under the name the
+reference uses, next to it (``invint_hub/pretrained/cifar10``), so the two share one stored autoencoder.
 """
 from __future__ import annotations
 

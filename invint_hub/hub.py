@@ -210,11 +210,54 @@ def load_weights(model: torch.nn.Module, path: str | Path, strict: bool = True, 
         k, got, want = wrong[0]
         raise RuntimeError(f"weights in {path} do not fit the model that its config.json describes: {k} has shape {got}, "
                          f"the model needs {want} ({len(wrong)} tensor(s) differ; config.json and weights disagree)")
+    file_dtypes = {k: v.dtype for k, v in state.items()}
+    recorded = safetensors_sha256(path) or tensors_sha256(state)  # files written before hashes: hash them now
     for k, v in state.items():  # keep each tensor's own dtype (fp16 files load into fp32 models)
         if k in own and own[k].is_floating_point():
             state[k] = v.to(own[k].dtype)
     model.load_state_dict(state, strict=strict)
     model.to(map_location)
+    # what was loaded, for ``weights_sha256``: the file's hash holds while the tensors are the ones loaded here
+    model._loaded_weights = {"path": str(path), "sha256": recorded, "dtypes": file_dtypes,
+                             "versions": _tensor_versions(model)}
+
+
+def safetensors_sha256(path: str | Path) -> str | None:
+    """The sha256 of the tensor data that a safetensors file's header records (``HubMixin`` writes it), read from the
+    header alone; None for a file written without one. ``ValueError`` naming the file if it is not safetensors."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("sha256")
+    except Exception as err:
+        raise ValueError(f"{path} is not a complete safetensors file ({err}); re-download or re-save it") from err
+
+
+def _tensor_versions(model: torch.nn.Module) -> tuple:
+    """Identity and in-place version counter of every tensor of ``model`` (changes when any of them is written)."""
+    return tuple((k, id(v), v._version, v.dtype) for k, v in model.state_dict(keep_vars=True).items())
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """A stable id of a model's weights: ``tensors_sha256`` of its tensors in the dtypes of the file they were loaded
+    from. For a model loaded by ``load_weights`` (every ``from_pretrained``) whose tensors were not written since,
+    this is the sha256 the file's header records, read without hashing anything; a model changed since, or built
+    in memory, is hashed (and the result cached until a tensor is written). The same weights give the same id
+    whichever folder they were loaded from; an fp16 and an fp32 file of one model give different ids."""
+    versions = _tensor_versions(model)
+    loaded = getattr(model, "_loaded_weights", None)
+    if loaded is not None and loaded["versions"] == versions:
+        return loaded["sha256"]
+    cached = getattr(model, "_weights_sha256_cache", None)
+    if cached is not None and cached[0] == versions:
+        return cached[1]
+    dtypes = loaded["dtypes"] if loaded is not None else {}
+    state = {k: (v.to(dtypes[k]) if k in dtypes and v.is_floating_point() else v)
+             for k, v in model.state_dict().items()}
+    sha = tensors_sha256(state)
+    model._weights_sha256_cache = (versions, sha)
+    return sha
 
 
 def read_json(path: str | Path) -> dict:

@@ -5,7 +5,7 @@ Repository layout (local folder or Hub repo)::
     pipeline.json            # dataset, image domain, layers
     README.md                # pipeline card
     backbone/                # config.json + model.safetensors (+ README.md)
-    autoencoder/
+    autoencoder/             # or, in pipeline.json, "autoencoder": "../<sibling pipeline>/autoencoder" (shared)
     cinn/<layer>/            # one conditional INN per layer
     concepts/                # optional: the concept INN e (listed as "concepts" in pipeline.json)
 
@@ -13,7 +13,7 @@ Repository layout (local folder or Hub repo)::
 
 Two kinds of methods: the paper's operations on batches (``sample_invariances``, ``mix``,
 ``variance_explained``, ...), which return tensors, and the batched views of one image
-(``interpret``, ``layer_sweep``, ``mix_layers``, ``attack``), which compute everything one request
+(``interpret``, ``layer_sweep``, ``mix_layers``, ``attack``, ``compare``), which compute everything one request
 of the Space shows in one pass through each network and return small dataclasses of tensors and
 floats. The concept views live next to the concept operations in ``invint_hub.concepts``.
 """
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from .attacks import fgsm, sign_noise
 from .autoencoder import Autoencoder
 from .backbones import Backbone
 from .cinn import ConditionalINN
+from .hub import weights_sha256
 from . import concepts as _concepts
 from .concepts import FactorINN
 from .images import ImageLike, to_batch
@@ -58,6 +61,43 @@ def resolve_pipeline_dir(name_or_path: str | Path | None = None, **hub_kwargs) -
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(repo_id=str(name_or_path), **hub_kwargs))
+
+
+def _is_local(name_or_path: str | Path | None) -> bool:
+    """Whether ``resolve_pipeline_dir`` finds ``name_or_path`` on this machine (no Hub download)."""
+    if name_or_path is None:
+        return True
+    return (Path(name_or_path) / PIPELINE_FILE).is_file() or (PRETRAINED_DIR / str(name_or_path) / PIPELINE_FILE).is_file()
+
+
+def component_dir(root: str | Path, info: dict, key: str, default: str | None = None, hub: bool = False) -> Path:
+    """The folder that ``pipeline.json``'s entry ``key`` names, resolved relative to the pipeline folder ``root``.
+
+    An entry may name a folder of a sibling pipeline (``"autoencoder": "../cifar10/autoencoder"``: two pipelines
+    that share one autoencoder store it once). Every entry must stay inside the parent of ``root``: an absolute
+    path, or one that climbs further up, is a ``ValueError`` naming ``pipeline.json`` and the key; a folder that
+    does not exist is a ``FileNotFoundError`` that names them too. ``hub=True`` (a downloaded Hub snapshot, which
+    holds one repository only): a reference outside ``root`` is refused with a ``ValueError`` saying so.
+    """
+    root = Path(root)
+    where = root / PIPELINE_FILE
+    value = info.get(key, default) if default is not None else info.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where}: {key} = {value!r}; expected a folder name relative to the pipeline folder")
+    if "\\" in value or Path(value).is_absolute() or Path(value).drive:
+        raise ValueError(f"{where}: {key} = {value!r} must be a path relative to the pipeline folder, not an absolute one")
+    base = Path(os.path.normpath(root.absolute()))
+    target = Path(os.path.normpath(base / value))
+    if not target.is_relative_to(base.parent) or target == base.parent:
+        raise ValueError(f"{where}: {key} = {value!r} leaves the folder that holds the pipeline ({base.parent}); "
+                         "entries may name folders of the pipeline or of a sibling pipeline (../<pipeline>/<folder>)")
+    if hub and not target.is_relative_to(base):
+        raise ValueError(f"{where}: {key} = {value!r} names a folder of another pipeline, which a Hub repository cannot "
+                         "reference (a download holds one repository); save the pipeline with its own copy "
+                         "(InvariancePipeline.save_pretrained) before pushing it, or load it from local folders")
+    if not target.is_dir():
+        raise FileNotFoundError(f"{where}: {key} names the folder {value!r}, which does not exist ({target})")
+    return target
 
 
 def embedded_pipelines() -> list[str]:
@@ -138,6 +178,35 @@ class Attack:
     out_of_domain: bool | None = None
 
 
+@dataclass
+class CompareSide:
+    """One network of a ``Comparison``: its view of the image and the shared v decoded with its representation."""
+
+    network: str  # the backbone's arch
+    layer: str
+    probs: torch.Tensor  # (K,) the network's class probabilities of x
+    class_name: str  # its top-1 class
+    probability: float  # and that class's probability
+    samples: torch.Tensor  # (n, C, S, S): D(t^-1(v | z)) with the shared v and this network's z at ``layer``
+    sample_pred: torch.Tensor  # (n,) this network's classes of its samples
+    class_agreement: float  # share of its samples it puts in its class of x
+    variance_explained: float | None  # share of z_bar's data variance the samples span, clipped to [0, 1]
+    variance_ratio: float | None = None  # unclipped
+
+
+@dataclass
+class Comparison:
+    """One image, two pipelines that share an autoencoder, the same v decoded with each network's representation
+    (the official demo's texture-bias mode: ImageNet vs Stylized-ImageNet ResNet-50 on one v)."""
+
+    x: torch.Tensor  # (1, C, S, S) the model input (the same for both: the autoencoder's images)
+    recon: torch.Tensor  # (1, C, S, S) D(E(x)), the same for both
+    v: torch.Tensor  # (n, latent_dim) the shared invariance samples, v ~ N(0, T^2 I)
+    a: CompareSide  # this pipeline
+    b: CompareSide  # the other one
+    autoencoder_id: str
+
+
 def _sampling(n, temperature, seed) -> tuple[int, float, int]:
     try:
         n, temperature, seed = int(n), float(temperature), int(seed)
@@ -198,39 +267,56 @@ class InvariancePipeline:
         instead of the saved one; it is wrapped with the saved backbone's layers, sizes and normalisation and must
         give every cINN's layer the shape it was trained on.
         """
+        hub = not _is_local(name_or_path)
         root = resolve_pipeline_dir(name_or_path, **hub_kwargs)
         try:
             info = json.loads((root / PIPELINE_FILE).read_text())
         except ValueError as err:
             raise ValueError(f"{root / PIPELINE_FILE} is not valid JSON ({err})") from err
+        if not isinstance(info, dict):
+            raise ValueError(f"{root / PIPELINE_FILE} must hold a JSON object")
 
-        def sub(name: str) -> Path:
-            path = root / name
-            if not path.is_dir():
-                raise FileNotFoundError(f"{root / PIPELINE_FILE} names the folder {name!r}, which {root} does not have")
-            return path
+        def sub(key: str, default: str | None = None, entries: dict | None = None) -> Path:
+            return component_dir(root, entries if entries is not None else info, key, default, hub=hub)
 
         if backbone is None:
-            backbone = Backbone.from_pretrained(sub(info.get("backbone", "backbone")))
+            backbone = Backbone.from_pretrained(sub("backbone", "backbone"))
         elif not isinstance(backbone, Backbone):
-            rec = json.loads((sub(info.get("backbone", "backbone")) / "config.json").read_text())
+            rec = json.loads((sub("backbone", "backbone") / "config.json").read_text())
             backbone = Backbone.from_module(
                 backbone, layers=rec.get("layers"), image_size=rec["image_size"], mean=rec["mean"], std=rec["std"],
                 input_size=rec.get("input_size"), class_names=rec.get("class_names"), in_channels=rec.get("in_channels"),
                 module_kwargs=rec.get("model_kwargs"))
-        autoencoder = Autoencoder.from_pretrained(sub(info.get("autoencoder", "autoencoder")))
+        ae_dir = sub("autoencoder", "autoencoder")
+        autoencoder = Autoencoder.from_pretrained(ae_dir)
+        autoencoder._pipeline_dir = ae_dir  # where it came from: save_pretrained copies the folder as it is
         cinns = {}
-        for layer, folder in info.get("cinn", {}).items():
-            cinns[layer] = ConditionalINN.from_pretrained(sub(folder))
-        concepts = FactorINN.from_pretrained(sub(info["concepts"])) if info.get("concepts") else None
+        entries = info.get("cinn", {})
+        if not isinstance(entries, dict):
+            raise ValueError(f"{root / PIPELINE_FILE}: cinn must map layer names to folders, got {entries!r}")
+        for layer, folder in entries.items():
+            cinns[layer] = ConditionalINN.from_pretrained(sub(f"cinn.{layer}", entries={f"cinn.{layer}": folder}))
+        concepts = FactorINN.from_pretrained(sub("concepts")) if info.get("concepts") else None
         pipe = cls(backbone, autoencoder, cinns, info, concepts=concepts)
         pipe.root = root
         return pipe.to(device)
 
     def save_pretrained(self, directory: str | Path, dtype: torch.dtype | None = None) -> Path:
+        """Write the pipeline folder; it holds every model itself (an autoencoder loaded by reference to a sibling
+        pipeline is copied in). An autoencoder unchanged since it was loaded is copied file by file when ``dtype``
+        is None, so ``autoencoder_id`` stays the same."""
         directory = Path(directory)
         self.backbone.save_pretrained(directory / "backbone", dtype=dtype)
-        self.autoencoder.save_pretrained(directory / "autoencoder", dtype=dtype)
+        src = getattr(self.autoencoder, "_pipeline_dir", None)
+        if dtype is None and src is not None and self._autoencoder_unchanged():
+            dst = directory / "autoencoder"
+            dst.mkdir(parents=True, exist_ok=True)
+            if Path(src).resolve() != dst.resolve():
+                for f in Path(src).iterdir():
+                    if f.is_file():
+                        shutil.copyfile(f, dst / f.name)
+        else:
+            self.autoencoder.save_pretrained(directory / "autoencoder", dtype=dtype)
         for layer, t in self.cinns.items():
             t.save_pretrained(directory / "cinn" / layer, dtype=dtype)
         info = dict(self.info)
@@ -280,6 +366,17 @@ class InvariancePipeline:
     @property
     def class_names(self) -> list[str]:
         return self.backbone.class_names
+
+    @property
+    def autoencoder_id(self) -> str:
+        """A stable id of the autoencoder's weights: the sha256 of its tensor data (``hub.weights_sha256``; for
+        weights loaded from a file and unchanged since, the hash its safetensors header records). Two pipelines
+        with the same id share one autoencoder, wherever they were loaded from: ``compare`` needs that."""
+        return weights_sha256(self.autoencoder)
+
+    def _autoencoder_unchanged(self) -> bool:
+        loaded = getattr(self.autoencoder, "_loaded_weights", None)
+        return loaded is not None and weights_sha256(self.autoencoder) == loaded["sha256"]
 
     def cinn(self, layer: str) -> ConditionalINN:
         """The conditional INN t of ``layer`` (``ValueError`` naming the pipeline's layers if it has none)."""
@@ -613,6 +710,52 @@ class InvariancePipeline:
                 out.samples_clean[l], out.samples_attacked[l] = dec[a : a + n], dec[a + n : a + 2 * n]
                 out.sample_pred_clean[l], out.sample_pred_attacked[l] = preds[a : a + n], preds[a + n : a + 2 * n]
         return out
+
+    @torch.inference_mode()
+    def compare(self, other: "InvariancePipeline", image: ImageLike, layer: str, other_layer: str | None = None,
+                n: int = 16, seed: int = 0, temperature: float = 1.0) -> Comparison:
+        """One image through two pipelines that share one autoencoder: the same n samples v ~ N(0, T^2 I) (seeded
+        with ``seed``) decoded with this network's representation at ``layer`` and with the other's at
+        ``other_layer`` (default: ``layer``): D(t_A^-1(v | z_A)) beside D(t_B^-1(v | z_B)). Side A's samples are
+        ``interpret(image, layer, n, temperature, seed)``'s. Each network classifies x and its own samples; each
+        side's variance explained by v is the measure ``interpret`` reports. The two networks may take other input
+        sizes and normalisations (their backbones resize and normalise the shared images themselves).
+
+        ``ValueError`` when the autoencoders differ (``autoencoder_id``): the same v means the same image only
+        through one decoder."""
+        if not isinstance(other, InvariancePipeline):
+            raise TypeError(f"compare needs another InvariancePipeline, got {type(other).__name__}")
+        n, temperature, seed = _sampling(n, temperature, seed)
+        other_layer = layer if other_layer is None else other_layer
+        if self.autoencoder_id != other.autoencoder_id:
+            raise ValueError(f"the two pipelines do not share an autoencoder (autoencoder_id {self.autoencoder_id[:12]} "
+                             f"vs {other.autoencoder_id[:12]}): compare decodes one v with both, so they need the same one")
+        t_a, t_b = self.cinn(layer), other.cinn(other_layer)
+        x = self._one_image(image, "compare")
+        # drawn as ConditionalINN.sample draws them, so side A is interpret(image, layer, n, temperature, seed)
+        v = temperature * torch.randn(n, self.autoencoder.latent_dim, generator=self._generator(seed))
+        zbars, views = [], []
+        for pipe, t, l in ((self, t_a, layer), (other, t_b, other_layer)):
+            xp = x.to(pipe.device)
+            feats = pipe.backbone.forward_layers(xp, [l, pipe.backbone.logits_layer])
+            t._check_cond(feats[l])
+            cond = t.embed(feats[l]).repeat_interleave(n, dim=0)  # embedded once, as ConditionalINN.sample does
+            zbars.append(t.flow.inverse(v.to(xp), cond)[0].to(self.device))
+            views.append(feats[pipe.backbone.logits_layer].softmax(1)[0])
+        dec = self.decode(torch.cat([self.autoencoder.encode(x).mode()] + zbars))
+        sides = []
+        for i, (pipe, l) in enumerate(((self, layer), (other, other_layer))):
+            samples = dec[1 + i * n : 1 + (i + 1) * n]
+            pred = pipe.backbone(samples.to(pipe.device)).argmax(1).cpu()
+            probs = views[i]
+            c = int(probs.argmax())
+            share = pipe._variance_share(zbars[i][None])
+            ratio = None if share is None else float(share[0])
+            names = pipe.class_names
+            sides.append(CompareSide(pipe.backbone.arch, l, probs, names[c] if 0 <= c < len(names) else str(c),
+                                     float(probs[c]), samples, pred, float((pred == c).float().mean()),
+                                     self._clip_share(ratio), ratio))
+        return Comparison(x, dec[:1], v, sides[0], sides[1], self.autoencoder_id)
 
     # --- concepts (the interpretation INN e; see invint_hub.concepts) ---------------------
     @property

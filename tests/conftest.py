@@ -133,3 +133,54 @@ def cpipe(concept_pipeline_dir):
     from invint_hub.pipeline import InvariancePipeline
 
     return InvariancePipeline.from_pretrained(concept_pipeline_dir)
+
+
+def _tiny_cinn(backbone, layer: str, seed: int):
+    from invint_hub import ConditionalINN
+
+    return ConditionalINN(latent_dim=8, cond_shape=list(backbone.feature_shapes[layer]), embed_dim=8, n_flows=2,
+                          hidden=16, depth=1, embedder_depth=2, embedder_width=4, seed=seed, layer=layer)
+
+
+@pytest.fixture(scope="session")
+def shared_ae_pipelines(tmp_path_factory):
+    """Pipelines on one autoencoder, stored once (random init, 3x16px, 4 classes), in one folder ``root``:
+
+    * ``a``: the project's cifar_resnet (width 4), cINNs at layer2 and logits; holds the autoencoder;
+    * ``b``: a module of one's own (BranchyNet, input resized to 24 px, another normalisation), cINNs at body.b and
+      logits; its pipeline.json names ``../a/autoencoder``;
+    * ``a_twin``: a's backbone and cINNs, the autoencoder by reference (the same networks in another folder);
+    * ``other_ae``: a's backbone and cINNs with an autoencoder of its own (other weights, same sizes).
+    """
+    import json
+    import shutil
+
+    import torch
+
+    from invint_hub import Autoencoder, Backbone, InvariancePipeline
+
+    root = tmp_path_factory.mktemp("shared_ae")
+    torch.manual_seed(0)
+    ae = Autoencoder(image_size=16, channels=3, latent_dim=8, width=4, n_down=2)
+    ae.latent_var.fill_(4.0)
+    names = ["cat", "dog", "ship", "truck"]
+    res = Backbone("cifar_resnet", num_classes=4, in_channels=3, image_size=16, width=4, class_names=names)
+    branchy = Backbone.from_module(BranchyNet(width=6, num_classes=4), layers=["body.a", "body.b", "logits"],
+                                   image_size=16, input_size=24, mean=[0.4, 0.45, 0.5], std=[0.25, 0.2, 0.3],
+                                   class_names=names, module_kwargs={"width": 6, "num_classes": 4})
+    a = InvariancePipeline(res, ae, {l: _tiny_cinn(res, l, i) for i, l in enumerate(["layer2", "logits"])},
+                           {"dataset": "synthetic", "domain": "synthetic 16 px test images"})
+    a.save_pretrained(root / "a")
+    b = InvariancePipeline(branchy, ae, {l: _tiny_cinn(branchy, l, 5 + i) for i, l in enumerate(["body.b", "logits"])},
+                           {"dataset": "synthetic", "domain": "synthetic 16 px test images"})
+    for name, pipe in (("b", b), ("a_twin", a)):
+        pipe.save_pretrained(root / name)
+        shutil.rmtree(root / name / "autoencoder")
+        info = json.loads((root / name / "pipeline.json").read_text())
+        info["autoencoder"] = "../a/autoencoder"
+        (root / name / "pipeline.json").write_text(json.dumps(info, indent=2))
+    torch.manual_seed(1)
+    other = Autoencoder(image_size=16, channels=3, latent_dim=8, width=4, n_down=2)
+    other.latent_var.fill_(4.0)
+    InvariancePipeline(res, other, a.cinns, dict(a.info)).save_pretrained(root / "other_ae")
+    return root

@@ -215,3 +215,46 @@ def test_concepts_tab_switches_model_transfers_and_edits(page, shots):
     page.wait_for_function("document.querySelector('#edit-summary').innerText.includes('fg +2')")
     page.screenshot(path=str(shots / "concepts.png"), full_page=True, timeout=SHOT_MS)
 
+
+
+@pytest.fixture(scope="module")
+def served_shared(shared_ae_pipelines, tmp_path_factory):
+    """The app on two pipelines that share one autoencoder (cifar_resnet and a module of one's own) and one that
+    does not."""
+    root = shared_ae_pipelines
+    registry = ModelRegistry([str(root / n) for n in ("a", "b", "other_ae")], include_embedded=False,
+                             examples_per_model=4, example_dir=tmp_path_factory.mktemp("examples_shared"))
+    demo = app.build_demo(registry)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
+                **app.launch_options())
+    yield demo, registry
+    demo.close()
+
+
+def test_compare_tab_shows_both_networks_side_by_side(served_shared, page, shots):
+    demo, registry = served_shared
+    a, b, _ = registry.names
+    pg = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        pg.set_default_timeout(TIMEOUT_MS)
+        pg.goto(demo.local_url)
+        pg.get_by_role("tab", name="Compare").click()
+        assert registry.label(b) in pg.locator("#compare-model-b input").input_value()  # the partner, preselected
+        pg.locator("#compare-image input[type=file]").set_input_files(str(registry.get(a).examples[1]))
+        pg.wait_for_selector("#compare-image img")
+        pg.click("#run-compare")
+        shown = {}
+        for side in ("a", "b"):
+            (im,) = wait_displayed(pg, f"#compare-{side} img")
+            shown[side] = im
+            assert im["h"] == 62 + 2 * 84 + 4 and im["w"] == 8 * 68 + 4  # title band, then 16 samples in 2 rows of 8
+            assert im["shownW"] > 400  # drawn large enough to see
+        text = pg.locator("#compare-summary").inner_text()
+        assert f"A: {registry.label(a)}" in text and f"B: {registry.label(b)}" in text
+        assert "cifar_resnet" in text and "BranchyNet" in text and "v explains" in text
+        box_a = pg.locator("#compare-a img").bounding_box()
+        box_b = pg.locator("#compare-b img").bounding_box()
+        assert box_a["x"] + box_a["width"] <= box_b["x"] + 1 and abs(box_a["y"] - box_b["y"]) < 40  # side by side
+        pg.screenshot(path=str(shots / "compare.png"), full_page=True, timeout=SHOT_MS)
+    finally:
+        pg.close()

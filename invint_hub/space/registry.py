@@ -13,8 +13,9 @@ from typing import Iterator
 
 import torch
 
+from ..hub import WEIGHTS_NAME, read_safetensors, safetensors_sha256, tensors_sha256
 from ..images import to_pil
-from ..pipeline import PIPELINE_FILE, InvariancePipeline, embedded_pipelines, resolve_pipeline_dir
+from ..pipeline import PIPELINE_FILE, InvariancePipeline, component_dir, embedded_pipelines, resolve_pipeline_dir
 from .inputs import input_domain, one_line
 
 
@@ -75,10 +76,15 @@ class ModelRegistry:
         self.example_dir = Path(example_dir) if example_dir else Path(tempfile.mkdtemp(prefix="invint_space_"))
         self._entries = {n: ModelEntry(n, source_label(n)) for n in names}
         self._locks = {n: threading.Lock() for n in names}
+        self._ae_ids: dict[str, str | None] = {}  # autoencoder ids read from the files of models not loaded
 
     @property
     def default(self) -> str:
         return self.names[0]
+
+    def label(self, name: str) -> str:
+        """How ``name`` shows in the dropdown (without loading it)."""
+        return self._entries[name].label
 
     def choices(self) -> list[tuple[str, str]]:
         return [(self._entries[n].label, n) for n in self.names]
@@ -123,6 +129,45 @@ class ModelRegistry:
 
     def concept_models(self) -> list[str]:
         return [n for n in self.names if self.has_concepts(n)]
+
+    def autoencoder_id(self, name: str) -> str | None:
+        """The ``autoencoder_id`` of ``name``: from the loaded pipeline, else from the safetensors header of the
+        autoencoder its local ``pipeline.json`` names (embedded or a folder: nothing else is loaded). None for a Hub
+        model not loaded yet (it is not downloaded to find out) and for a folder that cannot be read."""
+        entry = self._entries.get(name)
+        if entry is None:
+            return None
+        if entry.pipe is not None:
+            return entry.pipe.autoencoder_id
+        if name in self._ae_ids:
+            return self._ae_ids[name]
+        if not (name in embedded_pipelines() or Path(name).exists()):
+            return None
+        try:
+            root = resolve_pipeline_dir(name)
+            f = component_dir(root, json.loads((root / PIPELINE_FILE).read_text()), "autoencoder", "autoencoder") \
+                / WEIGHTS_NAME
+            sha = safetensors_sha256(f) or tensors_sha256(read_safetensors(f))
+        except (OSError, ValueError):
+            sha = None
+        self._ae_ids[name] = sha
+        return sha
+
+    def compare_partners(self, name: str | None) -> list[str]:
+        """The other models that share ``name``'s autoencoder (same ``autoencoder_id``), in dropdown order."""
+        own = self.get(name).pipe.autoencoder_id  # type: ignore[union-attr]
+        return [n for n in self.names if n != (name or self.default) and self.autoencoder_id(n) == own]
+
+    @contextlib.contextmanager
+    def use_many(self, *names: str | None) -> Iterator[list[ModelEntry]]:
+        """``use`` for several models at once; slots are taken in name order, so requests that need the same two
+        models never wait for each other's slots in a cycle."""
+        entries = [self.get(n) for n in names]
+        with contextlib.ExitStack() as stack:
+            for e in sorted({e.name: e for e in entries}.values(), key=lambda e: e.name):
+                assert e.slots is not None
+                stack.enter_context(e.slots)
+            yield entries
 
     @contextlib.contextmanager
     def use(self, name: str | None) -> Iterator[ModelEntry]:

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from ..images import to_pil
-from ..pipeline import InvariancePipeline, LayerSweep
+from ..pipeline import CompareSide, InvariancePipeline, LayerSweep
 
 _FONTS: dict[int, Any] = {}
 
@@ -138,6 +138,33 @@ def sweep_grid(s: LayerSweep, class_name: Callable[[int], str], row_labels: list
     ncols = max(len(r) for r in rows)
     cols = ["input", "D(E(x))"] + [f"v{j + 1}" for j in range(ncols - 2)]
     return compose_grid(rows, row_labels or layers, cols, caps, cell=64, highlight=marks)
+
+
+def compare_grid(side: CompareSide, class_name: Callable[[int], str], title: str, model: str = "",
+                 columns: int = 8, cell: int = 64) -> Image.Image:
+    """One side of ``InvariancePipeline.compare`` as one image: a title band (``title``, the ``model`` it belongs
+    to, then the network's prediction, the variance explained by v and the class agreement) over the samples
+    decoded with the shared v, captioned with this network's class of each; orange frames: a class other than its
+    class of the input. (The top right corner stays clear of text: Gradio draws its buttons there.)"""
+    c = side.class_name
+    preds = [int(p) for p in side.sample_pred]
+    own = int(side.probs.argmax())
+    grid = sample_grid(list(side.samples), [class_name(p) for p in preds], [p != own for p in preds], columns, cell)
+    ve = "n/a" if side.variance_explained is None else f"{100 * side.variance_explained:.0f}%"
+    stats = (f"predicts {c} ({100 * side.probability:.0f}%) · v explains {ve} · "
+             f"{sum(p == own for p in preds)}/{len(preds)} samples {c}")
+    f, fs = font(14), font(12)
+    width = max(grid.width, 8 * (cell + 4) + 4)
+    room = width - 80
+    lines = [(title, f, (30, 30, 30)), (model, fs, (110, 110, 110)), (stats, fs, (60, 60, 60))]
+    lines = [(t, ft, col) for t, ft, col in lines if t]
+    head = 8 + 18 * len(lines)
+    canvas = Image.new("RGB", (width, head + grid.height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (text, ft, col) in enumerate(lines):
+        draw.text((6, 4 + 18 * i), _fit(text, ft, room if i == 0 else width - 12), fill=col, font=ft)
+    canvas.paste(grid, (0, head))
+    return canvas
 
 
 def _fit(text: str, f, width: int) -> str:

@@ -1,18 +1,55 @@
 """Stage 2: the autoencoder (E, D) whose latent z_bar the cINNs translate (L1 + perceptual + KL, optional GAN)."""
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import torch
 
 from ..autoencoder import Autoencoder, FeaturePerceptualLoss, recolor_invariance, PatchDiscriminator, adaptive_weight, hinge_d_loss, lpips_loss, psnr
 from ..hub import write_model_card
+from ..pipeline import PIPELINE_FILE
 from .common import (load_backbone, command_history, eval_loop, frozen, get_batch, make_dataset, make_optimizer, run_training,
-                     save_component, update_pipeline_json)
-from .config import LATENT_VAR_IMAGES, autoencoder_loss, data_settings, model_settings, train_settings
+                     save_component, saved_config, update_pipeline_json)
+from .config import LATENT_VAR_IMAGES, autoencoder_from, autoencoder_loss, data_settings, model_settings, train_settings
+
+
+def link_autoencoder(acc, cfg: dict, out: Path) -> dict:
+    """``autoencoder.from``: record another pipeline folder's autoencoder in ``<out>/pipeline.json`` by reference
+    (``"autoencoder": "../<pipeline>/autoencoder"``) instead of training one. That folder must sit next to ``out``
+    (the same parent folder: a reference may not leave it) and its autoencoder must take this config's images."""
+    from ..pipeline import component_dir
+
+    src = Path(autoencoder_from(cfg))
+    where = f"autoencoder.from = {str(src)!r}"
+    if not (src / PIPELINE_FILE).is_file():
+        raise ValueError(f"{where}: not a pipeline folder (no {PIPELINE_FILE}); train that pipeline's autoencoder first")
+    info = json.loads((src / PIPELINE_FILE).read_text())
+    ae_dir = component_dir(src, info, "autoencoder", "autoencoder")
+    base = Path(os.path.normpath(Path(out).absolute()))
+    rel = os.path.relpath(os.path.normpath(ae_dir.absolute()), base)
+    try:
+        component_dir(out, {"autoencoder": rel}, "autoencoder")  # the checks of loading: inside out's parent
+    except ValueError:
+        raise ValueError(f"{where}: its autoencoder {ae_dir} is not inside {base.parent}, the folder that holds the "
+                         f"output folder (a reference may only name a sibling pipeline's, ../<pipeline>/autoencoder); "
+                         "put both pipeline folders in one folder") from None
+    rec = saved_config(ae_dir)
+    data = data_settings(cfg)
+    got = (rec.get("image_size", 32), rec.get("channels", 1))
+    if got != (data["image_size"], data["channels"]):
+        raise ValueError(f"{where}: that autoencoder takes {got[1]}x{got[0]}px images, this config's data is "
+                         f"{data['channels']}x{data['image_size']}px")
+    if acc.is_main_process:
+        update_pipeline_json(out, cfg, autoencoder=rel)
+        acc.print(f"{out}/{PIPELINE_FILE}: autoencoder = {rel!r} (shared with {src}; nothing trained)")
+    return {"autoencoder": rel}
 
 
 def train_autoencoder(acc, cfg: dict, args, out: Path):
+    if autoencoder_from(cfg):
+        return link_autoencoder(acc, cfg, out)
     lcfg = autoencoder_loss(cfg)
     t = train_settings(cfg, "autoencoder", args)
     data = data_settings(cfg)

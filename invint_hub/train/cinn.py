@@ -24,7 +24,7 @@ from ..cinn import ConditionalINN
 from ..flows import bits_per_dim, standard_normal_nll
 from ..hub import write_model_card
 from ..pipeline import InvariancePipeline
-from .common import (load_backbone, batch_indices, command_history, eval_loop, frozen, get_batch, make_dataset, make_optimizer,
+from .common import (autoencoder_dir, load_backbone, batch_indices, command_history, eval_loop, frozen, get_batch, make_dataset, make_optimizer,
                      run_training, save_component, saved_config, update_pipeline_json)
 from .config import CARD_SAMPLES, EVAL_SEED, cinn_model_settings, cinn_cache_settings, data_settings, train_settings
 
@@ -129,7 +129,7 @@ def _cache_key(out: Path, cfg: dict, args, layers: list[str], dtype: str) -> str
     """Changes with anything the cached outputs depend on: both networks' files, the data, the layers."""
     h = hashlib.sha256()
     for f in sorted((out / "backbone").glob("*.json")) + sorted((out / "backbone").glob("*.safetensors")) \
-            + sorted((out / "autoencoder").glob("*.safetensors")):
+            + sorted(autoencoder_dir(out).glob("*.safetensors")):
         h.update(f.read_bytes())
     h.update(json.dumps([data_settings(cfg), args.limit_train, args.data_dir, layers, dtype], sort_keys=True,
                         default=str).encode())
@@ -140,7 +140,7 @@ def train_group(acc, cfg: dict, args, out: Path, layers: list[str]) -> dict:
     t = train_settings(cfg, "cinn", args, layers[0])
     data = data_settings(cfg)
     backbone = frozen(load_backbone(out)).to(acc.device)
-    ae = frozen(Autoencoder.from_pretrained(out / "autoencoder")).to(acc.device)
+    ae = frozen(Autoencoder.from_pretrained(autoencoder_dir(out))).to(acc.device)
     for layer in layers:
         backbone.check_layer(layer)
     train_ds = make_dataset(cfg, "train_split", args, args.limit_train)

@@ -23,6 +23,24 @@ def pretrained_backbone(pre: dict, data: dict, extra: dict | None = None) -> Bac
     return Backbone.from_torchvision(pre["name"], weights=pre["weights"], **kw)
 
 
+def augment_batch(x: torch.Tensor, ops: list[str], generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """``classifier.train.augment`` on a batch (B, C, S, S): ``flip`` mirrors each image left-right with
+    probability 1/2; ``crop`` pads each by ``pad`` px (reflect) and takes a random S x S window. The random numbers
+    come from ``generator`` (on the CPU), so a step's augmentation is a function of its seed."""
+    b, _, h, w = x.shape
+    if "flip" in ops:
+        mask = (torch.rand(b, generator=generator) < 0.5).to(x.device)
+        x = torch.where(mask[:, None, None, None], x.flip(3), x)
+    if "crop" in ops:
+        xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
+        i = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
+        j = torch.randint(0, 2 * pad + 1, (b,), generator=generator).to(x.device)
+        rows = (i[:, None] + torch.arange(h, device=x.device))[:, :, None]  # (B, S, 1)
+        cols = (j[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, S)
+        x = xp[torch.arange(b, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+    return x.contiguous()
+
+
 def train_classifier(acc, cfg: dict, args, out: Path):
     t = train_settings(cfg, "classifier", args)
     data = data_settings(cfg)
@@ -57,8 +75,13 @@ def train_classifier(acc, cfg: dict, args, out: Path):
     opt = make_optimizer(model.parameters(), t)
     model, opt = acc.prepare(model, opt)
 
+    augment = list(t.get("augment") or [])
+
     def step_fn(x, y, step):
         model.train()
+        if augment:  # seeded by the step (and the process): a resumed run augments as an uninterrupted one does
+            g = torch.Generator().manual_seed((args.seed * 1_000_003 + step) * 64 + acc.process_index)
+            x = augment_batch(x, augment, g)
         with acc.autocast():
             logits = model(x)
             loss = F.cross_entropy(logits, y)
@@ -90,7 +113,8 @@ def train_classifier(acc, cfg: dict, args, out: Path):
             "The classifier f = Psi o Phi whose layers the pipeline interprets.",
             {"architecture": m.arch, "dataset": data["name"], "layers": m.layers,
              "feature shapes": "; ".join(f"{k}: {list(v)}" for k, v in m.feature_shapes.items()),
-             "parameters": sum(p.numel() for p in m.parameters()), "steps": t["steps"], "batch size": t["batch_size"]},
+             "parameters": sum(p.numel() for p in m.parameters()), "steps": t["steps"], "batch size": t["batch_size"],
+             "augmentation": ", ".join(augment) or "none"},
             metrics={f"test accuracy ({min(t['eval_samples'], len(test_ds))} test images)": ev["accuracy"],
                      "test loss": ev["loss"]},
             command=command_history(out, "classifier", args), datasets=[data["name"]],

@@ -9,9 +9,10 @@ from pathlib import Path
 from .autoencoder import train_autoencoder
 from .cinn import train_cinns
 from .classifier import train_classifier
-from .common import load_backbone, push, write_pipeline_card
+from ..pipeline import PIPELINE_FILE
+from .common import has_autoencoder, load_backbone, push, write_pipeline_card
 from .concepts import train_concepts
-from .config import (OUTPUT_ROOT, SAVE_DTYPE, SEED, autoencoder_loss, cinn_layers, load_config, pretrained_settings,
+from .config import (OUTPUT_ROOT, SAVE_DTYPE, SEED, autoencoder_from, autoencoder_loss, cinn_layers, load_config, pretrained_settings,
                      train_settings)
 
 STAGES = ("classifier", "autoencoder", "cinn", "concepts")
@@ -93,20 +94,25 @@ def main(argv=None):
         print(f"{out}/backbone: the published classifier of classifier.pretrained (no classifier stage to run)")
         train_classifier(acc, cfg, args, out)
         acc.wait_for_everyone()
+    if args.stage in ("cinn", "concepts") and autoencoder_from(cfg) and not has_autoencoder(out):
+        print(f"{out}/{PIPELINE_FILE}: the autoencoder of autoencoder.from (no autoencoder stage to run)")
+        train_autoencoder(acc, cfg, args, out)
+        acc.wait_for_everyone()
     if args.stage == "classifier":
         results["classifier"] = train_classifier(acc, cfg, args, out)
     elif args.stage == "autoencoder":
-        if not (out / "backbone").is_dir() and autoencoder_loss(cfg)["perceptual"] == "backbone":
+        if (not autoencoder_from(cfg) and not (out / "backbone").is_dir()
+                and autoencoder_loss(cfg)["perceptual"] == "backbone"):
             raise SystemExit(f"{out}/backbone not found: train the classifier stage first (its features give the perceptual loss)")
         results["autoencoder"] = train_autoencoder(acc, cfg, args, out)
     elif args.stage == "concepts":
-        if not (out / "autoencoder").is_dir():
+        if not has_autoencoder(out):
             raise SystemExit(f"{out}/autoencoder not found: train the autoencoder stage first")
         results["concepts"] = train_concepts(acc, cfg, args, out)
     else:
-        for needed in ("backbone", "autoencoder"):
-            if not (out / needed).is_dir():
-                raise SystemExit(f"{out}/{needed} not found: train the classifier and autoencoder stages first")
+        if not (out / "backbone").is_dir() or not has_autoencoder(out):
+            needed = "backbone" if not (out / "backbone").is_dir() else "autoencoder"
+            raise SystemExit(f"{out}/{needed} not found: train the classifier and autoencoder stages first")
         layers = args.layer or ",".join(cinn_layers(cfg))
         if layers == "all":
             layers = ",".join(load_backbone(out).layers)

@@ -343,6 +343,25 @@ def saved_config(directory: Path) -> dict:
     return json.loads((Path(directory) / "config.json").read_text())
 
 
+def autoencoder_dir(out: Path) -> Path:
+    """The pipeline folder's autoencoder: the folder its ``pipeline.json`` names (``<out>/autoencoder``, or a
+    sibling pipeline's, ``../<pipeline>/autoencoder``), checked as ``pipeline.component_dir`` checks it."""
+    from ..pipeline import component_dir
+
+    path = Path(out) / PIPELINE_FILE
+    info = json.loads(path.read_text()) if path.exists() else {}
+    if "autoencoder" not in info:
+        return Path(out) / "autoencoder"
+    return component_dir(out, info, "autoencoder")
+
+
+def has_autoencoder(out: Path) -> bool:
+    try:
+        return autoencoder_dir(out).is_dir()
+    except (OSError, ValueError):
+        return False
+
+
 def update_pipeline_json(out: Path, cfg: dict, **changes) -> None:
     path = out / PIPELINE_FILE
     info = json.loads(path.read_text()) if path.exists() else {}

@@ -14,7 +14,7 @@ from ..data import ColorMNIST
 from ..flows import bits_per_dim, standard_normal_nll
 from ..hub import write_model_card
 from ..pipeline import PIPELINE_FILE, InvariancePipeline
-from .common import (batch_indices, command_history, eval_loop, frozen, get_batch, make_dataset, make_optimizer,
+from .common import (autoencoder_dir, batch_indices, command_history, eval_loop, frozen, get_batch, make_dataset, make_optimizer,
                      run_training, save_component, saved_config, update_pipeline_json)
 from .config import (CARD_SAMPLES, CONCEPT_VARIANCE_IMAGES, EVAL_SEED, concept_settings, data_settings, split_name,
                      train_settings)
@@ -56,7 +56,7 @@ def train_concepts(acc, cfg: dict, args, out: Path):
     c = concept_settings(cfg)
     t = train_settings(cfg, "concepts", args)
     data = data_settings(cfg)
-    ae = frozen(Autoencoder.from_pretrained(out / "autoencoder")).to(acc.device)
+    ae = frozen(Autoencoder.from_pretrained(autoencoder_dir(out))).to(acc.device)
     train_ds = make_pair_dataset(cfg, "train_split", args, args.limit_train, seed=args.seed)
     test_ds = make_pair_dataset(cfg, "test_split", args, args.limit_test, seed=args.seed + 1)
     names = list(c["factors"]) + [RESIDUAL]

@@ -82,6 +82,9 @@ TRAIN_RULES = dict(
     clip_grad=(float, _non_negative), log_every=(int, _positive), eval_every=(int, _non_negative),
     checkpoint_every=(int, _non_negative), keep_checkpoints=(int, _positive), eval_samples=(int, _positive),
 )
+# ``classifier.train.augment``: batch augmentations of the classifier stage (CIFAR's standard pair)
+AUGMENTATIONS = ("crop", "flip")  # crop: pad 4 px (reflect) and take a random crop of the image size; flip: horizontal
+CLASSIFIER_TRAIN_RULES = dict(TRAIN_RULES, augment=(list, None))
 DATA_RULES = dict(
     name=(str, None), image_size=(int, lambda v: v >= 4), channels=((1, 3), None), train_split=(str, None),
     test_split=(str, None), seed=(int, None), num_classes=(int, _positive), label_column=(str, None),
@@ -100,7 +103,7 @@ CINN_CACHE_RULES = dict(cache_features=(bool, None), cache_dtype=(("float16", "f
                         cache_max_gb=(float, _positive))
 SECTIONS = {  # section -> allowed keys (model sections are checked against the model class)
     "data": set(DATA_RULES), "classifier": {"model", "train", "pretrained"},
-    "autoencoder": {"model", "loss", "train"},
+    "autoencoder": {"model", "loss", "train", "from"},
     "cinn": {"layers", "model", "layer_overrides", "train", "train_overrides", "cache_features", "cache_dtype", "cache_max_gb"},
     "concepts": {"model", "train"} | set(CONCEPT_RULES),
 }
@@ -181,8 +184,12 @@ def validate_config(cfg, path: str | Path) -> None:
             if key not in SECTIONS[name]:
                 raise ValueError(f"{where}: unknown key {name}.{key}; allowed: {', '.join(sorted(SECTIONS[name]))}")
         _check_model(sec.get("model"), cls, f"{name}.model", where)
-        _check_section(sec.get("train"), TRAIN_RULES, f"{name}.train", where)
+        _check_section(sec.get("train"), CLASSIFIER_TRAIN_RULES if name == "classifier" else TRAIN_RULES,
+                       f"{name}.train", where)
     _check_section((cfg.get("classifier") or {}).get("pretrained"), PRETRAINED_RULES, "classifier.pretrained", where)
+    for op in ((cfg.get("classifier") or {}).get("train") or {}).get("augment") or []:
+        if op not in AUGMENTATIONS:
+            raise ValueError(f"{where}: classifier.train.augment has {op!r}; allowed entries: {', '.join(AUGMENTATIONS)}")
     _check_section((cfg.get("autoencoder") or {}).get("loss"), LOSS_RULES, "autoencoder.loss", where)
     aloss = (cfg.get("autoencoder") or {}).get("loss") or {}
     if (aloss.get("recolor_invariance") or 0) > 0:
@@ -194,6 +201,14 @@ def validate_config(cfg, path: str | Path) -> None:
         if dims is None or not 0 < dims < latent:
             raise ValueError(f"{where}: autoencoder.loss.invariant_dims must be set between 1 and latent_dim - 1 "
                              f"({latent - 1}) when recolor_invariance > 0, got {dims!r}")
+    ae_from = (cfg.get("autoencoder") or {}).get("from")
+    if ae_from is not None:
+        if not isinstance(ae_from, str) or not ae_from.strip():
+            raise ValueError(f"{where}: autoencoder.from = {ae_from!r}; expected the path of another pipeline folder")
+        unused = sorted(k for k in ("model", "loss", "train") if (cfg.get("autoencoder") or {}).get(k) is not None)
+        if unused:
+            raise ValueError(f"{where}: autoencoder.from reuses the autoencoder of {ae_from}, so autoencoder."
+                             f"{', autoencoder.'.join(unused)} would not be used: remove them")
     concepts = cfg.get("concepts") or {}
     _check_section({k: v for k, v in concepts.items() if k not in ("model", "train")}, CONCEPT_RULES, "concepts", where)
     cinn = cfg.get("cinn") or {}
@@ -286,6 +301,12 @@ def cinn_cache_settings(cfg: dict) -> dict:
     return {k: s.get(k, v) for k, v in CINN_CACHE.items()}
 
 
+def autoencoder_from(cfg: dict) -> str | None:
+    """``autoencoder.from``: another pipeline folder whose autoencoder this one uses by reference (None: train one)."""
+    value = section(cfg, "autoencoder").get("from")
+    return str(value) if value else None
+
+
 def autoencoder_loss(cfg: dict) -> dict:
     """``autoencoder.loss`` over ``AUTOENCODER_LOSS``."""
     return {**AUTOENCODER_LOSS, **(section(cfg, "autoencoder").get("loss") or {})}
@@ -325,7 +346,7 @@ def concept_settings(cfg: dict) -> dict:
 
 
 __all__ = [
-    "SEED", "SAVE_DTYPE", "OUTPUT_ROOT", "TRAIN", "DATA", "PRETRAINED", "AUTOENCODER_LOSS", "CONCEPT_MODEL", "CONCEPTS", "load_config", "data_settings",
+    "SEED", "SAVE_DTYPE", "OUTPUT_ROOT", "TRAIN", "AUGMENTATIONS", "DATA", "PRETRAINED", "AUTOENCODER_LOSS", "CONCEPT_MODEL", "CONCEPTS", "load_config", "data_settings",
     "split_name", "train_settings", "pretrained_settings", "model_settings", "cinn_model_settings", "cinn_layers",
-    "autoencoder_loss", "concept_settings", "cinn_cache_settings", "validate_config",
+    "autoencoder_loss", "autoencoder_from", "concept_settings", "cinn_cache_settings", "validate_config",
 ]
