@@ -91,11 +91,11 @@ def evaluate(model, d, sizes, mode="sample", seed=123):
 
 
 def train(cache, sizes, steps=2000, hidden=128, depth=1, n_flows=12, mode="sample", variant="project",
-          rho=0.975, lr=5e-4, bs=128, seed=0, eval_at=()):
+          rho=0.975, lr=5e-4, bs=128, seed=0, eval_at=(), mixing="shuffle"):
     torch.manual_seed(seed)
     d = cache["train"]
     n = len(d["factors"])
-    model = FactorINN(64, n_flows, hidden, depth, seed, list(sizes), NAMES, rho)
+    model = FactorINN(64, n_flows, hidden, depth, seed, list(sizes), NAMES, rho, mixing)
     g = torch.Generator().manual_seed(seed)
     za, zb, _ = latents(d, torch.randperm(n, generator=g)[:bs], mode, g)
     with torch.no_grad():  # data-dependent ActNorm init, as the stage
@@ -169,6 +169,9 @@ def main():
     p.add_argument("--only", nargs="*", default=None)
     p.add_argument("--probe", action="store_true", help="also probe the latents for the digit (linear vs MLP)")
     p.add_argument("--out", default="/tmp/diagnose_concepts.json")
+    p.add_argument("--custom", default=None, metavar="JSON",
+                   help='one more run named "custom" with these train() settings, e.g. '
+                        '\'{"sizes": [3, 3, 3, 55], "hidden": 256, "depth": 2, "mixing": "linear"}\'')
     args = p.parse_args()
     torch.set_num_threads(1)
     cache = load_cache(args)
@@ -201,6 +204,8 @@ def main():
         "sizes_3_3_3_4xsteps": dict(sizes=[3, 3, 3, 55], steps=4 * S),
         "sizes_2_3_3_hidden512_depth2": dict(sizes=[2, 3, 3, 56], hidden=512, depth=2),  # the paper's e width/depth
     }
+    if args.custom:
+        exps["custom"] = json.loads(args.custom)
     results = {}
     if Path(args.out).exists():
         results = json.loads(Path(args.out).read_text())

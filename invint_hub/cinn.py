@@ -130,6 +130,7 @@ class INN(nn.Module, HubMixin, **HUB_KWARGS):
         seed: int = 0,
         factor_sizes: list[int] | None = None,
         factor_names: list[str] | None = None,
+        mixing: str = "shuffle",
     ):
         super().__init__()
         if factor_sizes is not None and sum(factor_sizes) != dim:
@@ -139,7 +140,7 @@ class INN(nn.Module, HubMixin, **HUB_KWARGS):
         self.dim = dim
         self.factor_sizes = list(factor_sizes) if factor_sizes else [dim]
         self.factor_names = list(factor_names) if factor_names else [f"factor{i}" for i in range(len(self.factor_sizes))]
-        self.flow = Flow(dim, 0, n_flows, hidden, depth, seed=seed)
+        self.flow = Flow(dim, 0, n_flows, hidden, depth, seed=seed, mixing=mixing)
 
     def forward(self, zbar: torch.Tensor):
         """z_bar -> (e, logdet)."""

@@ -51,6 +51,8 @@ class FactorINN(INN):
         factor_sizes: sizes of the factors; the **last** factor is the residual. Must add up to ``dim``.
         factor_names: one name per factor; default ``concept0, concept1, ..., residual``.
         rho: correlation of a shared factor within a pair (IIN: 0.975), used by ``pair_nll``.
+        mixing: between blocks, ``shuffle`` (a fixed permutation, as IIN) or ``linear`` (a learned invertible
+            linear map, Glow's LU 1x1 convolution), which lets e gather a concept spread over many latent dimensions.
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class FactorINN(INN):
         factor_sizes: list[int] | None = None,
         factor_names: list[str] | None = None,
         rho: float = DEFAULT_RHO,
+        mixing: str = "shuffle",
     ):
         if factor_sizes is None or len(factor_sizes) < 2:
             raise ValueError(f"a FactorINN needs at least one concept factor plus the residual, got sizes {factor_sizes}")
@@ -74,7 +77,7 @@ class FactorINN(INN):
             raise ValueError(f"factor names must be unique, got {factor_names}")
         if not 0.0 < rho < 1.0:
             raise ValueError(f"rho must lie in (0, 1), got {rho}")
-        super().__init__(dim, n_flows, hidden, depth, seed, [int(s) for s in factor_sizes], list(factor_names))
+        super().__init__(dim, n_flows, hidden, depth, seed, [int(s) for s in factor_sizes], list(factor_names), mixing)
         self.rho = float(rho)
 
     @property
@@ -169,6 +172,36 @@ def pair_loss(
         loss2 = loss2 + 0.5 * (b_k - (mk * rho)[:, None] * a_k).pow(2).sum(1) / (1 - mk * rho**2)
     loss = loss1 + loss2
     return loss.mean() if reduction == "mean" else loss
+
+
+@torch.no_grad()
+def pair_correlations(ea: torch.Tensor, eb: torch.Tensor, factors: torch.Tensor, factor_sizes: Sequence[int],
+                      factor_names: Sequence[str]) -> dict[str, dict]:
+    """How well e's factors are shared in pairs: per concept k (pairs with label k) and factor j,
+
+    * ``product``: mean over pairs and dimensions d of factor j of e_j,d(a) e_j,d(b) (IIN's measure, the loss's
+      model predicts rho for the shared factor, 0 for the others);
+    * ``correlation``: the same with each dimension normalised, mean_d cov(a_d, b_d) / (std(a_d) std(b_d)), which
+      a factor cannot exceed 1 on by having a large spread;
+    * ``profile``: the shared factor's per-dimension correlations, sorted (a few dimensions near rho and the rest
+      near 0 means the factor is too wide; all low means the concept is not learned).
+    """
+    out = {}
+    for k, name in enumerate(factor_names[:-1]):
+        sel = factors == k
+        if not sel.any():
+            continue
+        pa, pb = torch.split(ea[sel].double(), list(factor_sizes), 1), torch.split(eb[sel].double(), list(factor_sizes), 1)
+        row = {"pairs": int(sel.sum()), "product": {}, "correlation": {}}
+        for j, other in enumerate(factor_names):
+            a, b = pa[j], pb[j]
+            corr = ((a - a.mean(0)) * (b - b.mean(0))).mean(0) / (a.std(0, unbiased=False) * b.std(0, unbiased=False) + 1e-12)
+            row["product"][other] = float((a * b).mean())
+            row["correlation"][other] = float(corr.mean())
+            if j == k:
+                row["profile"] = sorted((round(float(v), 3) for v in corr), reverse=True)
+        out[name] = row
+    return out
 
 
 def factor_scores(za: torch.Tensor, zb: torch.Tensor, factors: torch.Tensor, n_concepts: int) -> list[float]:

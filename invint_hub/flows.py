@@ -182,14 +182,60 @@ class Shuffle(nn.Module):
         return y[:, self.inv_perm], y.new_zeros(y.shape[0], dtype=torch.float32)
 
 
-class FlowBlock(nn.Module):
-    """ActNorm -> DoubleAffineCoupling -> Shuffle, one step of the flow; log-determinants add up."""
+class InvertibleLinear(nn.Module):
+    """A learned invertible linear map y = x W^T with W = P L (U + diag(exp(log_s))) (Glow's LU-decomposed 1x1
+    convolution, for vectors): P a fixed permutation, L unit lower and U strictly upper triangular.
 
-    def __init__(self, dim: int, cond_dim: int, hidden: int, depth: int, seed: int):
+    log |det W| = sum(log_s). It starts as the permutation P (the one ``Shuffle(dim, seed)`` would use), so an
+    untrained block is the same bijection as with ``Shuffle``; training can then rotate the features, which lets a
+    flow gather information spread over many input dimensions into a few output dimensions.
+    """
+
+    def __init__(self, dim: int, seed: int):
         super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        perm = torch.randperm(dim, generator=g)
+        self.register_buffer("perm", perm)
+        self.lower = nn.Parameter(torch.zeros(dim, dim))
+        self.upper = nn.Parameter(torch.zeros(dim, dim))
+        self.log_s = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("lower_mask", torch.tril(torch.ones(dim, dim), -1))
+
+    def _lu(self) -> tuple[torch.Tensor, torch.Tensor]:
+        eye = torch.eye(self.log_s.shape[0], device=self.log_s.device, dtype=self.log_s.dtype)
+        lower = self.lower * self.lower_mask + eye
+        upper = self.upper * self.lower_mask.T + torch.diag(self.log_s.exp())
+        return lower, upper
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
+        lower, upper = self._lu()
+        y = (x[:, self.perm] @ (lower @ upper).T.to(x.dtype))  # W = P L U with (P v) = v[perm]
+        return y, self.log_s.float().sum().expand(x.shape[0])
+
+    def inverse(self, y: torch.Tensor, cond: torch.Tensor | None = None):
+        lower, upper = (m.double() for m in self._lu())  # float64 solves: the round-off stays far below fp32's
+        # solve x_p (L U)^T = y, i.e. (L U) x_p^T = y^T, then undo the permutation
+        h = torch.linalg.solve_triangular(lower, y.T.double(), upper=False, unitriangular=True)
+        xp = torch.linalg.solve_triangular(upper, h, upper=True).T.to(y.dtype)
+        x = torch.empty_like(xp)
+        x[:, self.perm] = xp
+        return x, -self.log_s.float().sum().expand(y.shape[0])
+
+
+MIXINGS = ("shuffle", "linear")
+
+
+class FlowBlock(nn.Module):
+    """ActNorm -> DoubleAffineCoupling -> Shuffle (or a learned ``InvertibleLinear``), one step of the flow;
+    log-determinants add up."""
+
+    def __init__(self, dim: int, cond_dim: int, hidden: int, depth: int, seed: int, mixing: str = "shuffle"):
+        super().__init__()
+        if mixing not in MIXINGS:
+            raise ValueError(f"mixing must be one of {MIXINGS}, got {mixing!r}")
         self.norm = ActNorm(dim)
         self.coupling = DoubleAffineCoupling(dim, cond_dim, hidden, depth)
-        self.shuffle = Shuffle(dim, seed)
+        self.shuffle = Shuffle(dim, seed) if mixing == "shuffle" else InvertibleLinear(dim, seed)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):
         logdet = x.new_zeros(x.shape[0], dtype=torch.float32)
@@ -212,10 +258,11 @@ class Flow(nn.Module):
         f = f_n o ... o f_1,   log |det df/dx| = sum_i log |det df_i/dx_i|,   f^-1 = f_1^-1 o ... o f_n^-1.
     """
 
-    def __init__(self, dim: int, cond_dim: int, n_flows: int, hidden: int, depth: int, seed: int = 0):
+    def __init__(self, dim: int, cond_dim: int, n_flows: int, hidden: int, depth: int, seed: int = 0,
+                 mixing: str = "shuffle"):
         super().__init__()
         self.blocks = nn.ModuleList(
-            FlowBlock(dim, cond_dim, hidden, depth, seed=seed + i) for i in range(n_flows)
+            FlowBlock(dim, cond_dim, hidden, depth, seed=seed + i, mixing=mixing) for i in range(n_flows)
         )
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None):

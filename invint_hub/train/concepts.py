@@ -9,7 +9,8 @@ import torch
 
 from ..autoencoder import Autoencoder
 from ..concepts import (RESIDUAL, AttributePairs, ColorMNISTPairs, FactorINN, LabelPairs, PairDataset,
-                        concept_variance_explained, estimate_factor_dims, load_attribute_images, pair_loss, usable_dims)
+                        concept_variance_explained, estimate_factor_dims, load_attribute_images, pair_correlations, pair_loss,
+                        usable_dims)
 from ..data import ColorMNIST
 from ..flows import bits_per_dim, standard_normal_nll
 from ..hub import write_model_card
@@ -154,6 +155,14 @@ def train_concepts(acc, cfg: dict, args, out: Path):
         saved = saved_config(out / "concepts")
         update_pipeline_json(out, cfg, concepts="concepts")
         metrics = dict(ev, pair_correlation=corr, factor_sizes=dict(zip(names, sizes)))
+        # the same test pairs, per dimension and normalised (posterior means)
+        n_pairs = min(t["eval_samples"], len(test_ds))
+        za, zb, fs = latents_of_pairs(ae, test_ds, n_pairs, acc.device)
+        with torch.no_grad():
+            ea, eb = m(za.to(acc.device))[0].cpu(), m(zb.to(acc.device))[0].cpu()
+        metrics["pair_statistics"] = pair_correlations(ea, eb, fs, sizes, names)
+        metrics["normalised_shared_corr"] = {n: metrics["pair_statistics"][n]["correlation"][n]
+                                             for n in c["factors"] if n in metrics["pair_statistics"]}
         if estimate:
             metrics["dimensionality_estimate"] = estimate
         info = json.loads((out / PIPELINE_FILE).read_text())
@@ -173,6 +182,10 @@ def train_concepts(acc, cfg: dict, args, out: Path):
                         "mean abs(mean_d e_j(a) e_j(b)) for the other factors (ideal 0)": ev["unshared_corr"]}
         for k, row in corr.items():
             card_metrics[f"pairs sharing {k}: mean_d e_j(a) e_j(b) per factor j"] = ", ".join(f"{j} {v:.3f}" for j, v in row.items())
+        for k, row in metrics["pair_statistics"].items():
+            card_metrics[f"pairs sharing {k}: normalised correlation per factor j (posterior means)"] = ", ".join(
+                f"{j} {v:.3f}" for j, v in row["correlation"].items())
+            card_metrics[f"pairs sharing {k}: per-dimension correlations of {k}"] = " ".join(f"{v:.2f}" for v in row["profile"])
         for layer, v in metrics.get("concept_variance_explained", {}).items():
             card_metrics[f"variance explained by z at {layer}"] = ", ".join(f"{k} {100 * x:.1f}%" for k, x in v.items())
         write_model_card(
@@ -182,7 +195,7 @@ def train_concepts(acc, cfg: dict, args, out: Path):
             {"factors (residual last)": ", ".join(f"{n}: {s}" for n, s in zip(names, sizes)),
              "factor sizes from": "IIN dimensionality estimate" if estimate else "config",
              "pairs": c["pairs"], "rho": saved["rho"], "latent dim": saved["dim"], "flows": saved["n_flows"],
-             "subnet width": saved["hidden"], "subnet depth": saved["depth"],
+             "subnet width": saved["hidden"], "subnet depth": saved["depth"], "mixing": saved.get("mixing", "shuffle"),
              "parameters": sum(p.numel() for p in m.parameters()), "steps": t["steps"], "batch size (pairs)": t["batch_size"],
              "lr": t["lr"]},
             metrics=card_metrics, command=command_history(out, "concepts", args), datasets=[data["name"]],
