@@ -752,7 +752,7 @@ def parse_args(argv=None):
     p.add_argument("--n-transfer", type=int, default=2000, help="(target, source) pairs for the transfer section")
     p.add_argument("--reader-steps", type=int, default=6000, help="training steps of the independent digit reader")
     p.add_argument("--n-edits", type=int, default=500, help="test images for the edits section")
-    p.add_argument("--edit-amounts", default="-2,-1,1,2", help="edit amounts (units of the factor's prior std)")
+    p.add_argument("--edit-amounts", default="-2,-1,1,2", help="edit amounts (units of the factor's prior std); write --edit-amounts=-2,-1,1,2 when the first is negative")
     p.add_argument("--dynamics-steps", default="0,100,300,1000,3000", help="classifier snapshot steps")
     p.add_argument("--dynamics-layer", default="fc")
     p.add_argument("--dynamics-cinn-steps", type=int, default=2000, help="cINN training steps per snapshot")
