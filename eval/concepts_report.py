@@ -13,8 +13,9 @@ timings) and PNG plots. Sections (paper numbers in adjacent columns; see ../shar
 * ``layers``: share of each concept's variance explained by z at every layer with a cINN (ECCV Fig. 4 measure).
 * ``dims``: IIN dimensionality estimate of (digit, colour, residual) on the classifier's representation vs the
   autoencoder latent (IIN README: [22, 11, 31] vs [13, 17, 34] of 64).
-* ``response``: resample one factor of e, decode, classify: spread of the predicted class (IIN: digit sigma 2.74,
-  colour 0.19, residual 0.0). Bars: colour and residual sigma <= 0.5, digit >= 2.5.
+* ``response``: resample one factor of e, decode, classify (the pipeline's classifier, and the reader): spread of
+  the predicted class (IIN: digit sigma 2.74, colour 0.19, residual 0.0). Bars: colour and residual sigma <= 0.5,
+  digit >= 2.5.
 * ``transfer``: transfer digit / fg / bg from a source to a target; the reader reads the digit, the colours are
   measured from the pixels. Bars: digit transfer reads the source digit >= 85 % and keeps the target's colours
   >= 95 %; fg / bg transfer moves that colour >= 95 % and keeps the target digit >= 85 %.
@@ -24,7 +25,7 @@ timings) and PNG plots. Sections (paper numbers in adjacent columns; see ../shar
   and colour variance explained by z next to the accuracy (ECCV Fig. 4: 4k steps digit 2.57 % / bg 38.44 %,
   36k steps digit 36.08 % / bg 2.76 %). The most expensive section.
 
-The digit reader of ``autoencoder``, ``transfer`` and ``edits`` is trained here, independently of the pipeline: an
+The digit reader of ``autoencoder``, ``response``, ``transfer`` and ``edits`` is trained here, independently of the pipeline: an
 mnist_cnn (width 32, seed 2) on ColorMNIST train masks painted with fresh random colours every batch and shifted by
 up to 2 px (``train_reader``); it is cached in ``<out>/reader`` and is never the pipeline's classifier.
 """
@@ -42,20 +43,13 @@ import torch
 import yaml
 
 from invint_hub.backbones import Backbone
-from invint_hub.concepts import (
-    ColorMNISTPairs,
-    concept_variance_explained,
-    edit,
-    estimate_factor_dims,
-    network_response,
-    pair_correlations,
-)
+from invint_hub.concepts import ColorMNISTPairs, concept_variance_explained, edit, estimate_factor_dims, pair_correlations
 from invint_hub.data import ColorMNIST
 from invint_hub.images import grid
 from invint_hub.pipeline import InvariancePipeline
 
 SECTIONS = ("autoencoder", "pairs", "layers", "dims", "response", "transfer", "edits", "dynamics")
-READER_SECTIONS = {"autoencoder", "transfer", "edits"}  # the sections that read digits with the reader
+READER_SECTIONS = {"autoencoder", "response", "transfer", "edits"}  # the sections that read digits with the reader
 PAPER = {
     "dims": {"classifier": [22, 11, 31], "autoencoder": [13, 17, 34]},  # [digit, colour, residual] of 64 (IIN README)
     "response_sigma": {"digit": 2.74, "colour": 0.19, "residual": 0.0},  # IIN sensitivity figure (one input "7")
@@ -331,34 +325,74 @@ def section_dims(pipe, ds, args, out: Path) -> dict:
 
 
 @torch.no_grad()
-def section_response(pipe, ds, args, out: Path) -> dict:
+def response_two_readers(pipe, images, concept: str, n: int, seed: int, reader: Backbone) -> dict[str, dict[str, torch.Tensor]]:
+    """``invint_hub.concepts.network_response`` (the same draws, the same batches), each decoded image classified
+    by the pipeline's classifier and by the independent reader: {"classifier"|"reader": {"std", "changed"}}."""
+    e = pipe.concepts
+    if n < 2:
+        raise ValueError(f"need n >= 2 samples, got {n}")
+    x = pipe.preprocess(images)
+    code = e(pipe.encode(x))[0]
+    nets = {"classifier": pipe.backbone, "reader": reader}
+    rec = pipe.decode(e.inverse(code)[0])
+    base = {k: net(rec).argmax(1) for k, net in nets.items()}
+    mask = e.factor_mask(concept).to(code.device)
+    g = torch.Generator().manual_seed(int(seed))
+    codes = code.repeat_interleave(n, 0)
+    noise = torch.randn(codes.shape, generator=g).to(codes)
+    codes = torch.where(mask[None], noise, codes)
+    preds = {k: [] for k in nets}
+    for c in codes.split(512):
+        img = pipe.decode(e.inverse(c)[0])
+        for k, net in nets.items():
+            preds[k].append(net(img).argmax(1))
+    out = {}
+    for k in nets:
+        pr = torch.cat(preds[k]).view(x.shape[0], n)
+        out[k] = {"std": pr.float().std(1, unbiased=False), "changed": (pr != base[k][:, None]).float().mean(1)}
+    return out
+
+
+@torch.no_grad()
+def section_response(pipe, ds, args, out: Path, reader: Backbone, reader_info: dict) -> dict:
     n = min(len(ds), args.n_response)
     x, y = ds.get_batch(torch.arange(n))
     res = {}
+    seven = (y == 7).nonzero()
     for name in pipe.concepts.factor_names:
-        r = network_response(pipe, x, name, n=args.response_samples, seed=args.seed)
-        seven = (y == 7).nonzero()
+        both = response_two_readers(pipe, x, name, args.response_samples, args.seed, reader)
+        r, q = both["classifier"], both["reader"]
         res[name] = {"sigma": r["std"].mean().item(), "changed": r["changed"].mean().item(),
-                     "sigma_first_7": r["std"][seven[0, 0]].item() if len(seven) else None}
+                     "sigma_first_7": r["std"][seven[0, 0]].item() if len(seven) else None,
+                     "reader_sigma": q["std"].mean().item(), "reader_changed": q["changed"].mean().item()}
     paper_key = {"digit": "digit", "fg": "colour", "bg": "colour", "color": "colour", "residual": "residual"}
     lines = ["## Network response (IIN sensitivity analysis)", "",
              f"For each of {n} test images, one factor of e(E(x)) is replaced by {args.response_samples} draws from N(0, I), "
-             "decoded and classified. sigma = std of the predicted class index (the IIN figure's number, there for one "
-             "input '7'); changed = share of samples whose class differs from that of the unmodified reconstruction.", "",
-             "| factor | sigma (mean over images) | sigma (first '7') | changed | paper sigma |", "|---|---|---|---|---|"]
+             "decoded and classified, by the pipeline's classifier (the network under study, as in IIN) and by the "
+             f"independent reader ({pct(reader_info['test_accuracy'])} on the test split; it was trained on random colours, so "
+             "it only sees whether the shape changed). sigma = std of the predicted class index (the IIN figure's number, "
+             "there for one input '7'); changed = share of samples whose class differs from that of the unmodified "
+             "reconstruction.", "",
+             "| factor | sigma (classifier) | sigma (reader) | sigma (classifier, first '7') | changed (classifier) | changed (reader) | paper sigma |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in res.items():
         p = PAPER["response_sigma"].get(paper_key.get(name, ""), None)
         s7 = "n/a" if r["sigma_first_7"] is None else f"{r['sigma_first_7']:.2f}"
-        lines.append(f"| {name} | {r['sigma']:.2f} | {s7} | {pct(r['changed'])} | {p if p is not None else '-'} |")
+        lines.append(f"| {name} | {r['sigma']:.2f} | {r['reader_sigma']:.2f} | {s7} | {pct(r['changed'])} | "
+                     f"{pct(r['reader_changed'])} | {p if p is not None else '-'} |")
     lines += ["", "Differences: the IIN dIIN acts on the classifier's own 64-d z and reads the class through Psi; here e acts on "
-              "the autoencoder latent and the class is read by the pipeline's classifier on the decoded image."]
-    bars = [bar(f"response: sigma of {name}", r["sigma"], BARS["sigma_digit"], percent=False) if name == "digit" else
-            bar(f"response: sigma of {name}", r["sigma"], BARS["sigma_other"], at_least=False, percent=False)
-            for name, r in res.items()]
-    lines += ["", "Bars (issue 13, item 3): sigma of the colour factors and the residual <= 0.5, of the digit >= 2.5.", "",
+              "the autoencoder latent and the class is read from the decoded image."]
+
+    def one(name, value, who):
+        return (bar(f"response: sigma of {name} ({who})", value, BARS["sigma_digit"], percent=False) if name == "digit" else
+                bar(f"response: sigma of {name} ({who})", value, BARS["sigma_other"], at_least=False, percent=False))
+
+    bars = [one(name, r[key], who) for who, key in (("classifier", "sigma"), ("reader", "reader_sigma")) for name, r in res.items()]
+    lines += ["", "Bars (issue 13, item 3): sigma of the colour factors and the residual <= 0.5, of the digit >= 2.5; read by "
+              "the pipeline's classifier and by the independent reader.", "",
               "| factor | sigma | bar | |", "|---|---|---|---|"]
     lines += [f"| {b['bar'].split(' of ', 1)[1]} | {b['shown']} | {b['target_shown']} | {met(b['met'])} |" for b in bars]
-    _plot_bars({k: v["sigma"] for k, v in res.items()}, "sigma of predicted class", out / "response.png")
+    _plot_bars({k: v["sigma"] for k, v in res.items()}, "sigma of predicted class (classifier)", out / "response.png")
     lines += ["", "![response](response.png)"]
     return {"table": res, "images": n, "samples": args.response_samples, "bars": bars, "md": lines}
 
@@ -793,12 +827,13 @@ def main(argv=None) -> dict:
     for name in sections:
         t0, c0 = time.time(), time.process_time()
         if name in READER_SECTIONS:
-            fn = {"autoencoder": section_autoencoder, "transfer": section_transfer, "edits": section_edits}[name]
+            fn = {"autoencoder": section_autoencoder, "response": section_response, "transfer": section_transfer,
+                  "edits": section_edits}[name]
             res = fn(pipe, ds, args, out, reader, reader_info)
         elif name == "dynamics":
             res = section_dynamics(pipe, ds, args, out, cfg)
         else:
-            res = {"pairs": section_pairs, "layers": section_layers, "dims": section_dims, "response": section_response}[name](pipe, ds, args, out)
+            res = {"pairs": section_pairs, "layers": section_layers, "dims": section_dims}[name](pipe, ds, args, out)
         results["timings_s"][name] = round(time.time() - t0, 1)
         results["cpu_s"][name] = round(time.process_time() - c0, 1)  # all threads; wall time depends on machine load
         body += res.pop("md") + ["", f"_({name}: {results['timings_s'][name]} s wall, {results['cpu_s'][name]} CPU-s)_", ""]

@@ -430,12 +430,19 @@ def test_concepts_report_issue13_sections_on_the_embedded_pipeline(tmp_path):
     assert len(ed) == 1 + 3 * 2 and ed["fg +1"]["concept"] == "fg" and 0 <= ed["bg -1"]["reads_original_digit"] <= 1
 
     bars = saved["bars"]
-    assert {b["section"] for b in bars} == {"autoencoder", "pairs", "response", "transfer"} and len(bars) == 3 + 6 + 4 + 7
+    assert {b["section"] for b in bars} == {"autoencoder", "pairs", "response", "transfer"} and len(bars) == 3 + 6 + 8 + 7
     for b in bars:
         assert b["met"] == (b["value"] >= b["target"] if b["at_least"] else b["value"] <= b["target"])
     by_name = {b["bar"]: b for b in bars}
     assert by_name["transfer digit: reads the source digit"]["value"] == pytest.approx(tr["transfer digit"]["reads_source_digit"])
-    assert by_name["response: sigma of digit"]["target"] == 2.5 and by_name["response: sigma of fg"]["target"] == 0.5
+    assert by_name["response: sigma of digit (classifier)"]["target"] == 2.5 and by_name["response: sigma of fg (reader)"]["target"] == 0.5
+    assert by_name["response: sigma of bg (reader)"]["value"] == pytest.approx(saved["response"]["table"]["bg"]["reader_sigma"])
+    # the classifier's half of the response is the library's network_response, draw for draw
+    from invint_hub.concepts import network_response
+
+    lib = network_response(pipe, x[:4], "fg", n=2, seed=0)
+    assert saved["response"]["table"]["fg"]["sigma"] == pytest.approx(lib["std"].mean().item())
+    assert saved["response"]["table"]["fg"]["changed"] == pytest.approx(lib["changed"].mean().item())
     assert res["bars"] == bars
 
     text = (tmp_path / "report.md").read_text()
