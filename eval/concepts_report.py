@@ -843,6 +843,9 @@ def main(argv=None) -> dict:
     results["bars"] = bars
     if bars:
         md += bars_table(bars)
+        if "edits" in sections:
+            md += ["The issue sets no number for `edits` (\"edits along a colour change the colour, not the digit\"): see "
+                   "its table below.", ""]
     md += body
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (out / "report.md").write_text("\n".join(md) + "\n")
