@@ -319,3 +319,133 @@ def test_paper_alignment_and_pattern_verdict():
     assert all("pattern NOT reproduced" in line for line in flat)
     within_noise = pattern_verdict(fake([20.0, 22.0], [19.0, 23.5]))  # steeper, but less than 10% worse at the end
     assert all("pattern NOT reproduced" in line for line in within_noise)
+
+
+# --- the concepts report (eval/concepts_report.py) on the embedded ColorMNIST pipeline -------
+def _have_colormnist() -> bool:
+    from invint_hub.data import default_data_dir
+    from invint_hub.pipeline import embedded_pipelines
+
+    d = default_data_dir()
+    return ("colormnist" in embedded_pipelines() and d is not None and any((d / "mnist").glob("test-*.parquet"))
+            and any((d / "mnist").glob("train-*.parquet")))
+
+
+needs_colormnist = pytest.mark.skipif(not _have_colormnist(), reason="needs the embedded colormnist pipeline and ../shared/data/mnist")
+TINY_CONCEPTS = ["--n-test", "64", "--n-transfer", "32", "--reader-steps", "4", "--limit-train", "256", "--n-response", "4",
+                 "--response-samples", "2", "--n-pairs", "96", "--n-edits", "8", "--edit-amounts=-1,1", "--n-images", "8",
+                 "--n-samples", "2"]
+
+
+@needs_colormnist
+def test_concepts_report_mask_colours_are_exact_on_test_images():
+    """The true-mask colour measure has ~0 error on the original test images (the plain stroke mean does not)."""
+    from eval.concepts_report import mask_colors, mask_colors_plain
+    from invint_hub.data import ColorMNIST
+
+    ds = ColorMNIST("test", 32, None, 200, seed=1)
+    x, _ = ds.get_batch(torch.arange(len(ds)))
+    fg, bg = mask_colors(x, ds.masks)
+    assert (fg - ds.fg).abs().max() < 1e-4 and (bg - ds.bg).abs().max() < 1e-4
+    g = torch.Generator().manual_seed(3)
+    fg2, bg2 = torch.rand(2, len(ds), 3, generator=g)  # the same shapes repainted: the new colours are found
+    m = ds.masks.float() / 255
+    f, b = mask_colors((bg2[..., None, None] * (1 - m) + fg2[..., None, None] * m) * 2 - 1, ds.masks)
+    assert (f - fg2).abs().max() < 1e-4 and (b - bg2).abs().max() < 1e-4
+    plain_fg = mask_colors_plain(x, ds.masks)[0]
+    assert (plain_fg - ds.fg).abs().mean() > 0.02  # why the least-squares version exists
+
+
+@needs_colormnist
+def test_concepts_report_reader_trains_on_fresh_colours(tmp_path, monkeypatch):
+    """The reader is trained here on freshly painted, shifted batches; saved, reloaded, reused, retrained on a new recipe."""
+    import eval.concepts_report as cr
+    from invint_hub.backbones import Backbone
+
+    pipe = InvariancePipeline.from_pretrained("colormnist")
+    painted = []
+    real_paint = cr.paint_fresh
+
+    def spy(masks, g):
+        x = real_paint(masks, g)
+        painted.append(cr.mask_colors(x, masks))
+        return x
+
+    monkeypatch.setattr(cr, "paint_fresh", spy)
+    args = cr.parse_args(["--pipeline", "colormnist", "--out", str(tmp_path), "--reader-steps", "3", "--limit-train", "128"])
+    reader = cr.train_reader(pipe, args, tmp_path)
+    assert isinstance(reader, Backbone) and reader.width == 32 and reader.arch == "mnist_cnn" and len(painted) == 3
+    assert not cr._same_weights(reader, pipe.backbone)
+    fg = torch.cat([p[0] for p in painted])
+    assert fg.shape == (3 * 128, 3) and fg.min() < 0.05 and fg.max() > 0.95 and abs(fg.mean().item() - 0.5) < 0.05
+    assert not torch.allclose(painted[0][0], painted[1][0])  # new colours every batch
+    saved = json.loads((tmp_path / "reader" / "reader.json").read_text())
+    assert saved["recipe"]["steps"] == 3 and saved["recipe"]["seed"] == 2 and saved["train_images"] == 128
+    reloaded = Backbone.from_pretrained(tmp_path / "reader" / "backbone")
+    assert cr._same_weights(reader, reloaded)
+    painted.clear()
+    assert cr._same_weights(cr.train_reader(pipe, args, tmp_path), reader) and not painted  # cached: no training
+    args.reader_steps = 2
+    assert not cr._same_weights(cr.train_reader(pipe, args, tmp_path), reader) and len(painted) == 2  # other recipe
+
+
+@needs_colormnist
+def test_concepts_report_issue13_sections_on_the_embedded_pipeline(tmp_path):
+    import eval.concepts_report as cr
+    from invint_hub.backbones import Backbone
+    from invint_hub.data import ColorMNIST
+
+    sections = "autoencoder,pairs,response,transfer,edits"
+    res = cr.main(["--pipeline", "colormnist", "--out", str(tmp_path), "--sections", sections, *TINY_CONCEPTS])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert set(sections.split(",")) <= set(saved) and saved["reader"]["test_images"] == 64
+    for name in ("autoencoder.png", "transfer.png", "edits.png", "response.png", "reader/backbone/model.safetensors"):
+        assert (tmp_path / name).is_file(), name
+
+    ae = saved["autoencoder"]
+    assert ae["images"] == 32 and ae["table"]["original"]["fg_mae_mask"] < 1e-4 and ae["table"]["original"]["bg_mae_mask"] < 1e-4
+    rec_row = ae["table"]["reconstruction D(E(x))"]
+    pipe = InvariancePipeline.from_pretrained("colormnist")
+    reader = Backbone.from_pretrained(tmp_path / "reader" / "backbone").eval()
+    ds = ColorMNIST("test", 32, None, 64, seed=1)
+    x, y = ds.get_batch(torch.arange(32))
+    rec = pipe.reconstruct(x)
+    with torch.no_grad():
+        assert rec_row["reads_digit"] == pytest.approx((reader(rec).argmax(1) == y).float().mean().item())
+    fg, _ = cr.mask_colors(rec, ds.masks[:32])
+    assert rec_row["fg_mae_mask"] == pytest.approx((fg - ds.fg[:32]).abs().mean().item(), abs=1e-6)
+    assert math.isfinite(ae["psnr_db"]["mean"]) and ae["psnr_db"]["mean"] > 10
+
+    pairs = saved["pairs"]
+    assert pairs["pairs"] == 64 and set(pairs["table"]) == {"digit", "fg", "bg"}
+    for c, r in pairs["table"].items():
+        assert set(r["correlation"]) == {"digit", "fg", "bg", "residual"} and -1 <= r["correlation"][c] <= 1
+        assert len(r["profile"]) == pipe.concepts.factor_sizes[pipe.concepts.factor_names.index(c)]
+
+    tr = saved["transfer"]["table"]
+    assert tr["transfer digit"]["fg_closer_to_target"] == pytest.approx(1 - tr["transfer digit"]["fg_closer_to_source"])
+    assert set(saved["transfer"]["criteria"]) == {"transfer digit", "transfer fg", "transfer bg"}
+
+    ed = saved["edits"]["table"]
+    assert len(ed) == 1 + 3 * 2 and ed["fg +1"]["concept"] == "fg" and 0 <= ed["bg -1"]["reads_original_digit"] <= 1
+
+    bars = saved["bars"]
+    assert {b["section"] for b in bars} == {"autoencoder", "pairs", "response", "transfer"} and len(bars) == 3 + 6 + 8 + 7
+    for b in bars:
+        assert b["met"] == (b["value"] >= b["target"] if b["at_least"] else b["value"] <= b["target"])
+    by_name = {b["bar"]: b for b in bars}
+    assert by_name["transfer digit: reads the source digit"]["value"] == pytest.approx(tr["transfer digit"]["reads_source_digit"])
+    assert by_name["response: sigma of digit (classifier)"]["target"] == 2.5 and by_name["response: sigma of fg (reader)"]["target"] == 0.5
+    assert by_name["response: sigma of bg (reader)"]["value"] == pytest.approx(saved["response"]["table"]["bg"]["reader_sigma"])
+    # the classifier's half of the response is the library's network_response, draw for draw
+    from invint_hub.concepts import network_response
+
+    lib = network_response(pipe, x[:4], "fg", n=2, seed=0)
+    assert saved["response"]["table"]["fg"]["sigma"] == pytest.approx(lib["std"].mean().item())
+    assert saved["response"]["table"]["fg"]["changed"] == pytest.approx(lib["changed"].mean().item())
+    assert res["bars"] == bars
+
+    text = (tmp_path / "report.md").read_text()
+    heads = [line for line in text.splitlines() if line.startswith("## ")]
+    assert heads[0] == "## Bars (issue 13)" and [h.split()[1] for h in heads[1:]] == ["Autoencoder:", "Shared", "Network", "Concept", "Edits"]
+    assert f"{sum(b['met'] for b in bars)} of {len(bars)} bars met" in text and "not the pipeline's classifier" in text
