@@ -240,7 +240,7 @@ def section_pairs(pipe, ds, args, out: Path) -> dict:
     for c, r in res.items():
         bars.append(bar(f"pairs: {c} pairs, correlation of the {c} factor", r["correlation"][c], BARS["shared_corr"], percent=False))
         worst = max((o for o in names if o != c), key=lambda o: abs(r["correlation"][o]))
-        b = bar(f"pairs: {c} pairs, largest |correlation| of another factor ({worst})", abs(r["correlation"][worst]),
+        b = bar(f"pairs: {c} pairs, largest abs. correlation of another factor ({worst})", abs(r["correlation"][worst]),
                 BARS["other_corr"], at_least=False, percent=False)
         bars.append(b)
     lines = ["## Shared factors in pairs (issue 13, item 2)", "",
