@@ -181,10 +181,11 @@ def test_compare_decodes_the_same_v_with_each_network(pipes):
 
 def test_compare_with_the_same_networks_gives_the_same_samples(pipes):
     c = pipes["a"].compare(pipes["a_twin"], image(2), "logits", n=5, seed=0)
-    assert torch.equal(c.a.samples, c.b.samples) and c.a.class_name == c.b.class_name
-    assert c.a.variance_ratio == c.b.variance_ratio
+    # equal up to float round-off (oneDNN may pick other kernels for the two sides' batches, e.g. under AVX2 only)
+    assert torch.allclose(c.a.samples, c.b.samples, atol=1e-5) and c.a.class_name == c.b.class_name
+    assert abs(c.a.variance_ratio - c.b.variance_ratio) < 1e-4 * max(1.0, abs(c.a.variance_ratio))
     d = pipes["a"].compare(pipes["a_twin"], image(2), "logits", "layer2", n=5, seed=0)  # another layer: other samples
-    assert not torch.equal(d.a.samples, d.b.samples)
+    assert not torch.allclose(d.a.samples, d.b.samples, atol=1e-3)
 
 
 def test_compare_refuses_pipelines_on_other_autoencoders_and_bad_arguments(pipes):
