@@ -296,12 +296,14 @@ def test_bf16_autocast_on_cpu():
 # The embedded pipelines' models as they were before the redesign (fast path and all): on fixed
 # inputs, log-determinants, the sum of v = t(z_bar, z), and the sum of 16 seeded samples of one
 # representation. Recorded with the old plain path; the tolerance is float rounding (the samples now
-# embed the representation once: matmul rounding at batch 1 vs 16, measured <= 4e-6 per entry).
+# embed the representation once: matmul rounding at batch 1 vs 16, measured <= 4e-6 per entry), relative for the
+# large sums. The colormnist models were retrained in session 4 (recolouring-invariant autoencoder, new e) and
+# recorded again.
 REFERENCE = {
-    "colormnist/cinn/conv1": ([98.582, 78.3583, 107.1724], -50.8216, -126.7405),
-    "colormnist/cinn/fc": ([-14.8669, -18.2396, -16.4072], -8.5493, -102.7356),
-    "colormnist/cinn/logits": ([-15.5863, -7.0451, -17.687], 19.4722, -130.9099),
-    "colormnist/concepts": ([-25.5874, -25.285, -25.5567], 28.0239, -54.5750),
+    "colormnist/cinn/conv1": ([221.829, 231.1993, 223.3542], -991.1071, -92.8330),
+    "colormnist/cinn/fc": ([143.8396, 101.3396, 118.6754], -295.3150, 113.9405),
+    "colormnist/cinn/logits": ([144.6378, 151.3805, 114.2002], -132.2244, 122.9979),
+    "colormnist/concepts": ([239.2932, 252.4838, 255.6639], 4232.4884, -52.3495),
     "mnist/cinn/conv1": ([104.2993, 83.4515, 70.5982], 24.0435, -156.9661),
     "mnist/cinn/conv2": ([49.4458, 47.9419, 55.837], -12.1931, -160.8629),
     "mnist/cinn/fc": ([-4.892, -2.7902, 9.6888], 122.8957, -457.8274),
@@ -330,7 +332,7 @@ def test_embedded_models_load_with_strict_keys_and_give_the_recorded_numbers():
                     samples = m.sample(16, generator=torch.Generator().manual_seed(0))
             ref_ld, ref_v, ref_s = REFERENCE[f"{name}/{sub}"]
             assert torch.allclose(ld.double(), torch.tensor(ref_ld, dtype=torch.double), atol=2e-3), (name, sub, ld)
-            assert abs(v.double().sum().item() - ref_v) < 2e-3, (name, sub)
-            assert abs(samples.double().sum().item() - ref_s) < 2e-3, (name, sub)
+            assert abs(v.double().sum().item() - ref_v) < 2e-3 * max(1.0, abs(ref_v) / 100), (name, sub)
+            assert abs(samples.double().sum().item() - ref_s) < 2e-3 * max(1.0, abs(ref_s) / 100), (name, sub)
             seen.add(f"{name}/{sub}")
     assert seen == set(REFERENCE)
