@@ -39,6 +39,9 @@ from invint_hub.images import arrays_to_batch, pil_to_array
 from invint_hub.pipeline import PIPELINE_FILE, resolve_pipeline_dir
 
 
+DIGIT_LIKE = ("mnist", "colormnist", "fashion_mnist")  # pipelines whose out-of-domain sets are the natural photos
+
+
 def test_images(pipe: InvariancePipeline, limit: int | None) -> torch.Tensor:
     cfg = {"name": pipe.info["dataset"], "image_size": pipe.image_size, "channels": pipe.channels, "test_split": "test"}
     ds = build_dataset(cfg, "test_split", limit=limit)
@@ -94,7 +97,8 @@ def calibrate(name: str, quantile: float, ood_limit: int | None, convert_limit: 
     if s_conv is not None:
         test_rates["Space conversion"] = round(float((s_conv > threshold).float().mean()), 4)
         test_rate = max(test_rate, test_rates["Space conversion"])
-    photos = photo_sets(ood_limit)
+    own = str(pipe.info.get("dataset", ""))
+    photos = {k: v for k, v in photo_sets(ood_limit).items() if not k.startswith(own)}  # not its own test split
     for set_name, images in photos.items():
         s = pipe.domain_score(as_is(pipe, images))
         ood_rates[f"{set_name} (as is)"] = float((s > threshold).float().mean())
@@ -109,12 +113,17 @@ def calibrate(name: str, quantile: float, ood_limit: int | None, convert_limit: 
             s = pipe.domain_score(converted(pipe, sub))
             ood_rates[f"{set_name} (Space conversion)"] = float((s > threshold).float().mean())
             counts[f"{set_name} (Space conversion)"] = len(sub)
-    if pipe.channels == 3 and pipe.info.get("dataset") == "colormnist":
-        ds = build_dataset({"name": "mnist", "image_size": pipe.image_size, "channels": 3, "test_split": "test"},
-                           "test_split")
+    digit_sets = []  # colour pipelines: plain grey MNIST; natural-image pipelines: grey and coloured digits
+    if pipe.channels == 3 and own == "colormnist":
+        digit_sets = [("grey MNIST test", "mnist")]
+    elif pipe.channels == 3 and not digit and own not in DIGIT_LIKE:
+        digit_sets = [("grey MNIST test (as is)", "mnist"), ("ColorMNIST test (as is)", "colormnist")]
+    for set_name, data_name in digit_sets:
+        ds = build_dataset({"name": data_name, "image_size": pipe.image_size, "channels": 3, "test_split": "test"},
+                           "test_split", limit=ood_limit)
         s = pipe.domain_score(ds.get_batch(torch.arange(len(ds)))[0])
-        ood_rates["grey MNIST test"] = float((s > threshold).float().mean())
-        counts["grey MNIST test"] = len(ds)
+        ood_rates[set_name] = float((s > threshold).float().mean())
+        counts[set_name] = len(ds)
     photo_keys = [k for k in ood_rates if "(as is)" in k]
     ood = {
         "score": "autoencoder reconstruction error: mean over pixels of sqrt(mean_c (x - D(E(x)))^2), [-1, 1] scale",
@@ -126,7 +135,8 @@ def calibrate(name: str, quantile: float, ood_limit: int | None, convert_limit: 
         "ood_rates": {k: round(v, 4) for k, v in ood_rates.items()},
         "counts": counts,
         "calibrated_on": f"{pipe.info['dataset']} test split ({len(x)} images)",
-        "ood_sets": "natural photos: " + ", ".join(photos),
+        "ood_sets": ", ".join(["natural photos: " + ", ".join(photos)] * bool(photos)
+                              + ["digits: " + ", ".join(n for n, _ in digit_sets)] * bool(digit_sets)),
         "command": command,
     }
     rpc = {"layers": random_pair_cosine(pipe, x, pairs, seed), "pairs": pairs, "seed": seed,

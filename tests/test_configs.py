@@ -18,12 +18,20 @@ def test_config_builds(path):
         pytest.skip("no pipeline stages in this config")
     with torch.device("meta"):
         pre = cfg["classifier"].get("pretrained")
-        if pre:
+        if pre and pre.get("source") == "timm":
+            backbone = Backbone.from_timm(pre["name"], pretrained=False, image_size=data["image_size"],
+                                          input_size=pre.get("input_size"), layers=pre.get("layers"))
+        elif pre:
             backbone = Backbone.from_torchvision(pre["arch"], weights=None, in_channels=data["channels"],
                                                  image_size=data["image_size"], **cfg["classifier"].get("model", {}))
         else:
             backbone = Backbone(in_channels=data["channels"], image_size=data["image_size"], **cfg["classifier"]["model"])
-        ae = Autoencoder(image_size=data["image_size"], channels=data["channels"], **cfg["autoencoder"]["model"])
+        ae_cfg = cfg["autoencoder"]
+        if "from" in ae_cfg:  # another config's autoencoder (runs/<name> -> configs/<name>.yaml): same images
+            src = load_config(path.parent / f"{Path(ae_cfg['from']).name}.yaml")
+            assert (src["data"]["image_size"], src["data"]["channels"]) == (data["image_size"], data["channels"])
+            ae_cfg = src["autoencoder"]
+        ae = Autoencoder(image_size=data["image_size"], channels=data["channels"], **ae_cfg["model"])
         for layer in cfg["cinn"]["layers"]:
             kwargs = dict(cfg["cinn"]["model"])
             kwargs.update(cfg["cinn"].get("layer_overrides", {}).get(layer, {}))

@@ -34,6 +34,51 @@ def test_all_stages_produce_a_loadable_pipeline(trained):
     assert all("bpd_conv1" in r and "bpd_logits" in r for r in logs)
     assert "trained together with logits" in (trained / "cinn" / "conv1" / "README.md").read_text()
     assert float(pipe.autoencoder.latent_var) > 0
+    # the cards hold the ceiling of the class agreement: plain reconstructions D(E(x)) classified like the input
+    for layer in ("conv1", "logits"):
+        m = json.loads((trained / "cinn" / layer / "metrics.json").read_text())
+        assert 0.0 <= m["reconstruction_agreement"] <= 1.0 and 0.0 <= m["class_agreement"] <= 1.0
+        assert "reconstructions D(E(x)) (the ceiling)" in (trained / "cinn" / layer / "README.md").read_text()
+    assert "samples / ceiling" in (trained / "README.md").read_text()
+
+
+def test_perceptual_term_at_its_own_input_size(tiny_config, trained, tmp_path, monkeypatch):
+    """autoencoder.loss.perceptual_input_size runs the backbone's layers at that side for the perceptual term only:
+    the loss differs from the one at the backbone's own size, and the saved backbone keeps its input size."""
+    import shutil
+
+    import yaml
+
+    from invint_hub.autoencoder import FeaturePerceptualLoss
+
+    cfg = yaml.safe_load(tiny_config.read_text())
+    seen = []
+    orig = FeaturePerceptualLoss.forward
+
+    def spy(self, x, y):
+        out = orig(self, x, y)
+        seen.append(out.detach().clone())
+        return out
+
+    monkeypatch.setattr(FeaturePerceptualLoss, "forward", spy)
+    losses = {}
+    for side in (None, 32):
+        out = tmp_path / f"side{side}"
+        shutil.copytree(trained / "backbone", out / "backbone")
+        cfg["autoencoder"]["loss"]["perceptual_input_size"] = side
+        path = tmp_path / f"side{side}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        seen.clear()
+        main(["autoencoder", "--config", str(path), "--output-dir", str(out), "--quiet"])
+        losses[side] = seen[0]
+        card = (out / "autoencoder" / "README.md").read_text()
+        assert f"run at {side or 16} px" in card
+        assert json.loads((out / "backbone" / "config.json").read_text())["input_size"] == 16
+    assert not torch.allclose(losses[None], losses[32])
+    cfg["autoencoder"]["loss"]["perceptual_input_size"] = 4
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match="perceptual_input_size"):
+        main(["autoencoder", "--config", str(path), "--output-dir", str(tmp_path / "bad"), "--quiet"])
 
 
 def test_batch_indices_are_a_function_of_the_step():
@@ -258,3 +303,17 @@ def test_recolor_invariance_is_scale_free_and_zero_for_equal_codes():
     assert abs(recolor_invariance(a, b).item() - 1.0) < 0.2  # independent codes: about 1
     assert abs(recolor_invariance(10 * a, 10 * b).item() - recolor_invariance(a, b).item()) < 1e-4
     assert recolor_invariance(a, a + 0.1 * b).item() < 0.02
+
+
+def test_data_domain_goes_into_pipeline_json(tmp_path):
+    """``data.domain`` (plain words on what the pipeline understands) is written by every stage into pipeline.json,
+    where ``pipe.domain`` and the Space read it; a non-string is a config error naming the key."""
+    from invint_hub.train.common import update_pipeline_json
+    from invint_hub.train.config import validate_config
+
+    cfg = {"data": {"name": "cifar10", "image_size": 32, "channels": 3, "domain": "small photos of ten classes"}}
+    update_pipeline_json(tmp_path, cfg)
+    assert json.loads((tmp_path / "pipeline.json").read_text())["domain"] == "small photos of ten classes"
+    cfg["data"]["domain"] = 3
+    with pytest.raises(ValueError, match="x.yaml: data.domain"):
+        validate_config(cfg, "x.yaml")

@@ -1,6 +1,7 @@
 """Stage 2: the autoencoder (E, D) whose latent z_bar the cINNs translate (L1 + perceptual + KL, optional GAN)."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -71,8 +72,13 @@ def train_autoencoder(acc, cfg: dict, args, out: Path):
     elif lcfg["perceptual"] == "backbone":
         backbone = frozen(load_backbone(out)).to(acc.device)
         layers = lcfg["perceptual_layers"] or [l for l in backbone.layers if len(backbone.feature_shapes[l]) == 3][:3]
+        side = lcfg["perceptual_input_size"] or backbone.input_size
+        if side != backbone.input_size:  # a copy: the saved backbone keeps its own input size
+            backbone = copy.deepcopy(backbone)
+            backbone.input_size = side
         perceptual = FeaturePerceptualLoss(lambda x: list(backbone.forward_layers(x, layers).values()))
-        perceptual_desc = f"normalised feature distance at {', '.join(layers)} of the pipeline's own classifier ({backbone.arch}); LPIPS backbone weights were not available"
+        perceptual_desc = (f"normalised feature distance at {', '.join(layers)} of the pipeline's own classifier "
+                           f"({backbone.arch}, run at {side} px); LPIPS backbone weights were not available")
     elif lcfg["perceptual"] not in (None, "none"):
         raise ValueError(f"autoencoder.loss.perceptual must be lpips, backbone or none, got {lcfg['perceptual']!r}")
 

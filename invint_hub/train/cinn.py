@@ -226,6 +226,11 @@ def train_group(acc, cfg: dict, args, out: Path, layers: list[str]) -> dict:
     if acc.is_main_process:
         n_eval = min(t["eval_samples"], len(test_ds))
         xs, _ = get_batch(test_ds, torch.arange(n_eval))
+        # the ceiling of the class agreement: plain reconstructions D(E(x)) classified like the input
+        with torch.no_grad():
+            ceiling = torch.cat([
+                (backbone(ae.decode(ae.encode(xb).mode())).argmax(1) == backbone(xb).argmax(1)).float()
+                for xb in (xs[i : i + 250].to(acc.device) for i in range(0, n_eval, 250))]).mean().item()
         for layer in layers:
             m = trained.model(layer).eval()
             saved = saved_config(out / "cinn" / layer)
@@ -238,6 +243,7 @@ def train_group(acc, cfg: dict, args, out: Path, layers: list[str]) -> dict:
             ev_l = results[layer]
             ev_l["class_agreement"] = torch.cat(agree).mean().item()
             ev_l["variance_explained"] = torch.cat(var).mean().item()
+            ev_l["reconstruction_agreement"] = ceiling
             update_pipeline_json(out, cfg, cinn_layer=layer)
             together = "" if single else f" (trained together with {', '.join(l for l in layers if l != layer)})"
             write_model_card(
@@ -251,6 +257,7 @@ def train_group(acc, cfg: dict, args, out: Path, layers: list[str]) -> dict:
                  "frozen networks' outputs cached": bool(cache["cache_features"])},
                 metrics={f"test NLL (bits/dim, first {n_eval} test images)": ev_l["bpd"],
                          "class agreement of samples D(t^-1(v|z)) with the input (1 sample per image)": ev_l["class_agreement"],
+                         "class agreement of reconstructions D(E(x)) (the ceiling)": ceiling,
                          f"share of z_bar variance explained by v ({CARD_SAMPLES} samples per image)": ev_l["variance_explained"]},
                 command=command_history(out, name, args), datasets=[data["name"]],
             )

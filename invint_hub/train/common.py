@@ -367,6 +367,8 @@ def update_pipeline_json(out: Path, cfg: dict, **changes) -> None:
     info = json.loads(path.read_text()) if path.exists() else {}
     info.setdefault("format", "invint_hub.pipeline/1")
     info.update(dataset=cfg["data"]["name"], image_size=cfg["data"]["image_size"], channels=cfg["data"]["channels"])
+    if cfg["data"].get("domain"):
+        info["domain"] = cfg["data"]["domain"]
     info.setdefault("backbone", "backbone")
     info.setdefault("autoencoder", "autoencoder")
     info.setdefault("cinn", {})
@@ -386,14 +388,18 @@ def write_pipeline_card(out: Path, cfg: dict) -> None:
         mpath = out / sub / "metrics.json"
         if mpath.exists():
             m = json.loads(mpath.read_text())
-            rows.append(f"| {layer} | {m['bpd']:.3f} | {m['class_agreement']:.4f} | {m['variance_explained']:.4f} |")
+            ceil = m.get("reconstruction_agreement")
+            rows.append(f"| {layer} | {m['bpd']:.3f} | {m['class_agreement']:.4f} | "
+                        + (f"{ceil:.4f} | {m['class_agreement'] / ceil:.3f} | " if ceil else "— | — | ")
+                        + f"{m['variance_explained']:.4f} |")
     lines = [
         f"Interpretation pipeline for `{info.get('dataset')}`: classifier, autoencoder and one cINN per layer.",
         "",
         "Layer metrics on the test split (written by the cINN stage of `invint_hub.train`):",
         "",
-        "| layer | test NLL (bits/dim) | class agreement of samples | variance of z_bar explained by v |",
-        "|---|---|---|---|",
+        "| layer | test NLL (bits/dim) | class agreement of samples | of reconstructions D(E(x)) (ceiling) "
+        "| samples / ceiling | variance of z_bar explained by v |",
+        "|---|---|---|---|---|---|",
         *rows,
     ]
     cfg_text = yaml.safe_dump(cfg, sort_keys=False)

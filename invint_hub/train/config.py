@@ -30,6 +30,9 @@ CINN_CACHE = dict(cache_features=False, cache_dtype="float16", cache_max_gb=8.0)
 # ``autoencoder.loss``
 AUTOENCODER_LOSS = dict(
     perceptual="backbone", perceptual_weight=1.0, perceptual_layers=None, lpips_weights=None,
+    # perceptual: backbone at this input side instead of the backbone's own (null): e.g. an ImageNet network's early
+    # blocks on 32 px CIFAR images as they are, not upsampled to the side the cINNs condition on (cheaper)
+    perceptual_input_size=None,
     kl_weight=1e-5, disc_weight=0.0, disc_start=0, disc_lr_factor=1.0,
     # ColorMNIST only: train on pairs of one digit image painted twice with fresh colours, and ask the first
     # ``invariant_dims`` latent dimensions (posterior means) not to change between the two paintings
@@ -88,12 +91,14 @@ CLASSIFIER_TRAIN_RULES = dict(TRAIN_RULES, augment=(list, None))
 DATA_RULES = dict(
     name=(str, None), image_size=(int, lambda v: v >= 4), channels=((1, 3), None), train_split=(str, None),
     test_split=(str, None), seed=(int, None), num_classes=(int, _positive), label_column=(str, None),
+    domain=(str, None),  # what inputs the pipeline understands, in plain words (pipeline.json "domain", the Space)
 )
 PRETRAINED_RULES = dict(source=(("torchvision", "timm"), None), name=(str, None), arch=(str, None), weights=(None, None),
                         weights_path=(str, None), layers=(list, None), input_size=(int, _positive))
 LOSS_RULES = dict(
     perceptual=(("backbone", "lpips", "none"), None), perceptual_weight=(float, _non_negative),
-    perceptual_layers=(list, None), lpips_weights=(str, None), kl_weight=(float, _non_negative),
+    perceptual_layers=(list, None), lpips_weights=(str, None), perceptual_input_size=(int, lambda v: v >= 8),
+    kl_weight=(float, _non_negative),
     disc_weight=(float, _non_negative), disc_start=(int, _non_negative), disc_lr_factor=(float, _positive),
     recolor_invariance=(float, _non_negative), invariant_dims=(int, _positive),
 )
