@@ -19,6 +19,8 @@ import torch
 from invint_hub import Backbone
 from invint_hub.data import build_dataset
 
+from .readout_agreement import fit_readout
+
 
 def features(b: Backbone, ds, n: int, batch: int = 64):
     feats, conf, ys, secs = [], [], [], 0.0
@@ -35,21 +37,9 @@ def features(b: Backbone, ds, n: int, batch: int = 64):
     return torch.cat(feats), torch.cat(conf), torch.cat(ys), secs / n
 
 
-def probe(xtr, ytr, xte, yte, steps: int = 200, l2: float = 1e-3) -> float:
-    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
-    xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
-    w = torch.zeros(xtr.shape[1], 10, requires_grad=True)
-    bias = torch.zeros(10, requires_grad=True)
-    opt = torch.optim.LBFGS([w, bias], max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(xtr @ w + bias, ytr) + l2 * w.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return ((xte @ w + bias).argmax(1) == yte).float().mean().item()
+def probe(xtr, ytr, xte, yte) -> float:
+    """Test accuracy of a linear readout (``eval.readout_agreement.fit_readout``) fitted on the training features."""
+    return (fit_readout(xtr, ytr)(xte) == yte).float().mean().item()
 
 
 def main(argv=None):
