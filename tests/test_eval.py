@@ -27,7 +27,7 @@ from eval.metrics import (
     random_pair_cosine,
     random_pairs,
 )
-from eval.report import aligned_paper, main, pattern_verdict
+from eval.report import accuracy, aligned_paper, labels_are_classes, main, pattern_verdict
 from invint_hub import InvariancePipeline
 
 
@@ -285,6 +285,16 @@ def report_run(tiny_pipeline_dir, tmp_path_factory):
     args = ["--pipeline", str(tiny_pipeline_dir), "--out", str(out), "--models-dir", str(models), *FAST]
     results = main(args, feature_extractor=TinyFeatures())
     return out, models, results, args
+
+
+def test_report_states_no_accuracy_when_the_labels_are_not_the_classifiers_classes(tiny_pipe):
+    own = list(tiny_pipe.backbone.class_names)
+    assert labels_are_classes(tiny_pipe, None) and labels_are_classes(tiny_pipe, own)
+    assert not labels_are_classes(tiny_pipe, ["airplane"] + own[1:])  # same count, other classes
+    assert not labels_are_classes(tiny_pipe, own[:3])  # e.g. CIFAR-10's 10 names against an ImageNet network's 1,000
+    pred = torch.tensor([0, 1, 2, 3])
+    assert accuracy(pred, torch.tensor([0, 1, 0, 0])) == 0.5
+    assert accuracy(pred, torch.full((4,), -1)) is None
 
 
 def test_report_end_to_end(report_run):
