@@ -305,3 +305,49 @@ def test_a_photo_on_the_natural_image_pipeline(served_natural, page, shots, tmp_
         pg.screenshot(path=str(shots / "natural.png"), full_page=True, timeout=SHOT_MS)
     finally:
         pg.close()
+
+
+PAIR = ("cifar10", NATURAL)  # the two embedded CIFAR-10 pipelines: one autoencoder, two networks
+
+
+@pytest.fixture(scope="module")
+def served_pair(tmp_path_factory):
+    registry = ModelRegistry(list(PAIR), include_embedded=False, examples_per_model=4,
+                             example_dir=tmp_path_factory.mktemp("examples_pair"))
+    demo = app.build_demo(registry)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
+                **app.launch_options())
+    yield demo, registry
+    demo.close()
+
+
+@pytest.mark.skipif(not set(PAIR) <= set(embedded_pipelines()), reason=f"needs the embedded {PAIR} pipelines")
+def test_compare_the_project_resnet_with_efficientnet_lite0_on_one_photo(served_pair, page, shots):
+    """The issue's Compare view on the embedded pair: the CIFAR-10 ResNet and the ImageNet EfficientNet-Lite0 share
+    one autoencoder; one photo, the same v decoded with each network's representation, side by side, each grid
+    captioned with its own network's classes (CIFAR-10 names on the left, ImageNet names on the right)."""
+    demo, registry = served_pair
+    a, b = PAIR
+    pg = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        pg.set_default_timeout(TIMEOUT_MS)
+        pg.goto(demo.local_url)
+        pg.get_by_role("tab", name="Compare").click()
+        assert registry.label(b) in pg.locator("#compare-model-b input").input_value()  # the partner, preselected
+        pg.locator("#compare-image input[type=file]").set_input_files(str(registry.get(a).examples[0]))
+        pg.wait_for_selector("#compare-image img")
+        pg.click("#run-compare")
+        for side in ("a", "b"):
+            (im,) = wait_displayed(pg, f"#compare-{side} img")
+            assert im["shownW"] > 400  # drawn large enough to see
+        text = pg.locator("#compare-summary").inner_text()
+        assert "cifar_resnet" in text and "tf_efficientnet_lite0" in text and "v explains" in text
+        cifar_names, imagenet_names = (registry.get(n).pipe.class_names for n in PAIR)
+        line_a, line_b = (next(t for t in text.split("\n") if t.startswith(f"{tag}: ")) for tag in ("A", "B"))
+        assert any(f"predicts {n} (" in line_a for n in cifar_names)
+        assert any(f"predicts {n} (" in line_b for n in imagenet_names)
+        box_a, box_b = pg.locator("#compare-a img").bounding_box(), pg.locator("#compare-b img").bounding_box()
+        assert box_a["x"] + box_a["width"] <= box_b["x"] + 1 and abs(box_a["y"] - box_b["y"]) < 40  # side by side
+        pg.screenshot(path=str(shots / "compare_cifar10.png"), full_page=True, timeout=SHOT_MS)
+    finally:
+        pg.close()
