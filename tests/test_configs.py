@@ -58,6 +58,9 @@ def test_mnist_config_is_the_embedded_one():
     (lambda c: c["cinn"]["train"].update(stpes=3), r"unknown key cinn\.train\.stpes"),
     (lambda c: c["data"].update(channels=2), r"data\.channels = 2; allowed values: 1, 3"),
     (lambda c: c["classifier"].update(pretrained={"source": "keras", "name": "x"}), r"classifier\.pretrained\.source = 'keras'"),
+    (lambda c: c["cinn"]["train"].update(optimizer="adam"), r"cinn\.train\.optimizer = 'adam'; allowed values: 'adamw', 'sgd'"),
+    (lambda c: c["classifier"].setdefault("train", {}).update(label_smoothing=1.0),
+     r"classifier\.train\.label_smoothing = 1\.0 is out of range"),
 ])
 def test_config_mistakes_are_one_line_errors_naming_file_and_key(change, message, tmp_path):
     """Every mistake is caught when the config is read, before any training starts."""
@@ -88,3 +91,16 @@ def test_yaml_exponents_without_a_dot_are_numbers(tmp_path):
     path = tmp_path / "ok.yaml"
     path.write_text(yaml.safe_dump(cfg).replace("schedule: cosine", "schedule: cosine\n    lr: 1e-3"))
     assert load_config(path)["cinn"]["train"]["lr"] == "1e-3"  # YAML 1.1 reads it as a string; training floats it
+
+
+def test_sgd_is_nesterov_with_momentum_from_betas():
+    from torch import nn
+
+    from invint_hub.train.common import make_optimizer
+    from invint_hub.train.config import TRAIN
+
+    w = [nn.Parameter(torch.zeros(3))]
+    opt = make_optimizer(w, dict(TRAIN, optimizer="sgd", lr=0.1, weight_decay=5e-4))
+    assert isinstance(opt, torch.optim.SGD)
+    assert opt.defaults["nesterov"] and opt.defaults["momentum"] == 0.9 and opt.defaults["weight_decay"] == 5e-4
+    assert isinstance(make_optimizer(w, dict(TRAIN)), torch.optim.AdamW)  # the default

@@ -318,8 +318,10 @@ REFERENCE = {
 }
 
 
-def test_embedded_models_load_with_strict_keys_and_give_the_recorded_numbers():
-    seen = set()
+def embedded_model_numbers():
+    """(name/sub, log-dets, sum of v, sum of samples) of every embedded model, loaded with strict keys, on the
+    fixed inputs of REFERENCE. ``python tests/test_flows.py`` prints them in REFERENCE's format (to re-record a
+    retrained model)."""
     for name in embedded_pipelines():
         pipe, root = InvariancePipeline.from_pretrained(name), resolve_pipeline_dir(name)
         models = {f"cinn/{layer}": t for layer, t in pipe.cinns.items()}
@@ -336,9 +338,20 @@ def test_embedded_models_load_with_strict_keys_and_give_the_recorded_numbers():
                 else:
                     v, ld = m(torch.randn(3, m.dim, generator=g))
                     samples = m.sample(16, generator=torch.Generator().manual_seed(0))
-            ref_ld, ref_v, ref_s = REFERENCE[f"{name}/{sub}"]
-            assert torch.allclose(ld.double(), torch.tensor(ref_ld, dtype=torch.double), atol=2e-3), (name, sub, ld)
-            assert abs(v.double().sum().item() - ref_v) < 2e-3 * max(1.0, abs(ref_v) / 100), (name, sub)
-            assert abs(samples.double().sum().item() - ref_s) < 2e-3 * max(1.0, abs(ref_s) / 100), (name, sub)
-            seen.add(f"{name}/{sub}")
+            yield f"{name}/{sub}", ld.double(), v.double().sum().item(), samples.double().sum().item()
+
+
+def test_embedded_models_load_with_strict_keys_and_give_the_recorded_numbers():
+    seen = set()
+    for key, ld, v_sum, s_sum in embedded_model_numbers():
+        ref_ld, ref_v, ref_s = REFERENCE[key]
+        assert torch.allclose(ld, torch.tensor(ref_ld, dtype=torch.double), atol=2e-3), (key, ld)
+        assert abs(v_sum - ref_v) < 2e-3 * max(1.0, abs(ref_v) / 100), (key, v_sum)
+        assert abs(s_sum - ref_s) < 2e-3 * max(1.0, abs(ref_s) / 100), (key, s_sum)
+        seen.add(key)
     assert seen == set(REFERENCE)
+
+
+if __name__ == "__main__":  # print the embedded models' numbers in REFERENCE's format
+    for key, ld, v_sum, s_sum in embedded_model_numbers():
+        print(f'    "{key}": ({[round(x, 4) for x in ld.tolist()]}, {v_sum:.4f}, {s_sum:.4f}),')

@@ -76,6 +76,7 @@ def train_classifier(acc, cfg: dict, args, out: Path):
     model, opt = acc.prepare(model, opt)
 
     augment = list(t.get("augment") or [])
+    smoothing = float(t.get("label_smoothing", 0.0))
 
     def step_fn(x, y, step):
         model.train()
@@ -84,7 +85,7 @@ def train_classifier(acc, cfg: dict, args, out: Path):
             x = augment_batch(x, augment, g)
         with acc.autocast():
             logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
         acc.backward(loss)
         if t["clip_grad"]:
             acc.clip_grad_norm_(model.parameters(), t["clip_grad"])
@@ -114,7 +115,8 @@ def train_classifier(acc, cfg: dict, args, out: Path):
             {"architecture": m.arch, "dataset": data["name"], "layers": m.layers,
              "feature shapes": "; ".join(f"{k}: {list(v)}" for k, v in m.feature_shapes.items()),
              "parameters": sum(p.numel() for p in m.parameters()), "steps": t["steps"], "batch size": t["batch_size"],
-             "augmentation": ", ".join(augment) or "none"},
+             "augmentation": ", ".join(augment) or "none", "optimizer": t.get("optimizer", "adamw"),
+             "label smoothing": smoothing},
             metrics={f"test accuracy ({min(t['eval_samples'], len(test_ds))} test images)": ev["accuracy"],
                      "test loss": ev["loss"]},
             command=command_history(out, "classifier", args), datasets=[data["name"]],

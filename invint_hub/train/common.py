@@ -233,6 +233,8 @@ def lr_factor(step: int, t: dict) -> float:
 
 
 def make_optimizer(params, t: dict):
+    if t.get("optimizer", "adamw") == "sgd":
+        return torch.optim.SGD(params, lr=t["lr"], momentum=t["betas"][0], nesterov=True, weight_decay=t["weight_decay"])
     return torch.optim.AdamW(params, lr=t["lr"], betas=tuple(t["betas"]), weight_decay=t["weight_decay"])
 
 

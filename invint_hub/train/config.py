@@ -17,6 +17,8 @@ from ..concepts import DEFAULT_RHO, RESIDUAL
 TRAIN = dict(
     steps=1000, batch_size=64, lr=1e-3, betas=[0.9, 0.999], weight_decay=0.0, schedule="constant", warmup=0,
     clip_grad=0.0, log_every=50, eval_every=0, checkpoint_every=500, keep_checkpoints=2, eval_samples=2000,
+    # adamw (betas) or sgd (Nesterov, momentum betas[0]: the usual choice for ResNets on CIFAR)
+    optimizer="adamw",
 )
 # ``data``: the keys the training code reads besides name, image_size and channels (all required);
 # the same defaults as ``invint_hub.data.build_dataset``
@@ -84,10 +86,12 @@ TRAIN_RULES = dict(
     weight_decay=(float, _non_negative), schedule=(("constant", "cosine"), None), warmup=(int, _non_negative),
     clip_grad=(float, _non_negative), log_every=(int, _positive), eval_every=(int, _non_negative),
     checkpoint_every=(int, _non_negative), keep_checkpoints=(int, _positive), eval_samples=(int, _positive),
+    optimizer=(("adamw", "sgd"), None),
 )
 # ``classifier.train.augment``: batch augmentations of the classifier stage (CIFAR's standard pair)
 AUGMENTATIONS = ("crop", "flip")  # crop: pad 4 px (reflect) and take a random crop of the image size; flip: horizontal
-CLASSIFIER_TRAIN_RULES = dict(TRAIN_RULES, augment=(list, None))
+# label_smoothing: of the classifier's cross-entropy (0 = none)
+CLASSIFIER_TRAIN_RULES = dict(TRAIN_RULES, augment=(list, None), label_smoothing=(float, lambda v: 0 <= v < 1))
 DATA_RULES = dict(
     name=(str, None), image_size=(int, lambda v: v >= 4), channels=((1, 3), None), train_split=(str, None),
     test_split=(str, None), seed=(int, None), num_classes=(int, _positive), label_column=(str, None),
