@@ -299,8 +299,16 @@ def test_bf16_autocast_on_cpu():
 # embed the representation once: matmul rounding at batch 1 vs 16, measured <= 4e-6 per entry), relative for the
 # large sums. The colormnist models were retrained in session 4 (recolouring-invariant autoencoder, new e) and
 # recorded again; the cifar10-efficientnet_lite0 models were recorded when they were embedded (session 5), colormnist/concepts
-# again when its e was retrained at width 128 (session 7). Re-record with `python tests/test_flows.py`.
+# again when its e was retrained at width 128 (session 7), the cifar10 models when they were embedded (session 7).
+# Re-record with `python tests/test_flows.py`.
 REFERENCE = {
+    "cifar10/cinn/conv1": ([-67.3092, -56.3365, -53.0757], 8.1993, -130.4809),
+    "cifar10/cinn/layer1": ([-12.6397, 25.3113, 11.7278], 47.8917, -4002.2877),
+    "cifar10/cinn/layer2": ([-174.9726, -234.014, -177.6832], -35.7773, 8303.8818),
+    "cifar10/cinn/layer3": ([466.6305, 511.5551, 574.7524], 1313.3819, -514.6105),
+    "cifar10/cinn/avgpool": ([627.9858, 685.0853, 431.0574], 8138.6605, -429.7838),
+    "cifar10/cinn/logits": ([-114.92, -127.6002, -122.9814], -22.5091, 157.7301),
+    "cifar10/cinn/softmax": ([-33.2053, 73.793, -20.0131], 2.8704, 293.5359),
     "cifar10-efficientnet_lite0/cinn/blocks.1": ([53.8942, 50.9615, 65.9656], -123.1933, 344.6603),
     "cifar10-efficientnet_lite0/cinn/blocks.2": ([79.4605, 73.883, 70.5179], -45.5584, 267.2639),
     "cifar10-efficientnet_lite0/cinn/blocks.4": ([-5.7465, -23.9952, 28.5148], -65.3434, 208.2071),
@@ -347,8 +355,12 @@ def test_embedded_models_load_with_strict_keys_and_give_the_recorded_numbers():
     for key, ld, v_sum, s_sum in embedded_model_numbers():
         ref_ld, ref_v, ref_s = REFERENCE[key]
         assert torch.allclose(ld, torch.tensor(ref_ld, dtype=torch.double), atol=2e-3), (key, ld)
-        assert abs(v_sum - ref_v) < 2e-3 * max(1.0, abs(ref_v) / 100), (key, v_sum)
-        assert abs(s_sum - ref_s) < 2e-3 * max(1.0, abs(ref_s) / 100), (key, s_sum)
+        # relative parts: float rounding differs between CPU kernels (oneDNN's AVX2 and AVX-512 convolutions), and
+        # the flows amplify it, most in the samples (the inverse of every block, from a random condition that no
+        # image would give): measured 2e-5 of v's sum and 0.2 % of the samples' sum on cifar10/cinn/conv1-layer3.
+        # A retrained model moves them far more (colormnist/concepts at width 128: v 3674 -> 2596, samples -36 -> -62).
+        assert abs(v_sum - ref_v) < 2e-3 + 1e-4 * abs(ref_v), (key, v_sum)
+        assert abs(s_sum - ref_s) < 2e-3 + 5e-3 * abs(ref_s), (key, s_sum)
         seen.add(key)
     assert seen == set(REFERENCE)
 
