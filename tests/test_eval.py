@@ -500,3 +500,18 @@ def test_concepts_report_issue13_sections_on_the_embedded_pipeline(tmp_path):
     heads = [line for line in text.splitlines() if line.startswith("## ")]
     assert heads[0] == "## Bars (issue 13)" and [h.split()[1] for h in heads[1:]] == ["Autoencoder:", "Shared", "Network", "Concept", "Edits"]
     assert f"{sum(b['met'] for b in bars)} of {len(bars)} bars met" in text and "not the pipeline's classifier" in text
+
+
+def test_deep_layers_ridge_finds_a_linear_map_and_pools_maps():
+    """eval/deep_layers.py's ridge check: R^2 near 1 when z_bar is a linear function of the features, near 0 (or
+    below) when it is independent of them; spatial maps are average-pooled to at most 2048 numbers."""
+    from eval.deep_layers import _flat, ridge
+
+    g = torch.Generator().manual_seed(0)
+    f, ft = torch.randn(3000, 16, generator=g), torch.randn(500, 16, generator=g)
+    a = torch.randn(16, 8, generator=g)
+    r = ridge(f @ a, {"lin": f}, ft @ a, {"lin": ft})["lin"]
+    assert r["features"] == 16 and r["test_r2"] > 0.99
+    noise, noise_t = torch.randn(3000, 8, generator=g), torch.randn(500, 8, generator=g)
+    assert ridge(noise, {"ind": f}, noise_t, {"ind": ft})["ind"]["test_r2"] < 0.02
+    assert _flat(torch.zeros(2, 128, 8, 8)).shape == (2, 2048) and _flat(torch.zeros(2, 10)).shape == (2, 10)

@@ -279,6 +279,66 @@ def test_cached_features_train_the_same_models(trained, tiny_config, tmp_path):
     assert files[0].stat().st_mtime == mtime
 
 
+def test_augmented_cache_holds_the_plain_copy_and_augmented_pairs(trained, tiny_config, tmp_path):
+    """cinn.augment + augment_copies: the cache holds copy 0 as the plain cache does, then augmented copies whose
+    z_bar and z both come from the same augmented image."""
+    import shutil
+
+    import numpy as np
+    import yaml
+
+    from invint_hub.autoencoder import Autoencoder
+    from invint_hub.train.classifier import augment_batch
+    from invint_hub.train.common import get_batch, make_dataset
+
+    def run(name, **extra):
+        cfg = yaml.safe_load(tiny_config.read_text())
+        cfg["cinn"].update(cache_features=True, cache_dtype="float32", **extra)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        for d in ("backbone", "autoencoder"):
+            shutil.copytree(trained / d, tmp_path / name / d)
+        main(["cinn", "--quiet", "--layer", "logits", "--steps", "1", "--config", str(path),
+              "--output-dir", str(tmp_path / name)])
+        [f] = (tmp_path / name / "cache").glob("features_*.float32")
+        return np.load(f)
+
+    plain = run("plain")
+    aug = run("aug", augment=["flip", "crop"], augment_copies=3)
+    n = plain.shape[0]
+    assert aug.shape == (3 * n, plain.shape[1])
+    assert np.allclose(aug[:n], plain, atol=1e-5)  # copy 0 is the plain cache
+    assert not np.allclose(aug[n:2 * n], plain, atol=1e-3) and not np.allclose(aug[n:2 * n], aug[2 * n:], atol=1e-3)
+    # copy 1, first rows: recompute from the augmented images (the cache seeds copy k, position i with k * 1000003 + i)
+    pipe = InvariancePipeline.from_pretrained(trained)
+    ae = Autoencoder.from_pretrained(trained / "autoencoder")
+    x, _ = get_batch(make_dataset(yaml.safe_load(tiny_config.read_text()), "train_split", _Args(), None), torch.arange(min(n, 256)))
+    xa = augment_batch(x, ["flip", "crop"], torch.Generator().manual_seed(1 * 1_000_003 + 0))
+    with torch.no_grad():
+        mean = ae.encode(xa).mean
+        logits = pipe.backbone.forward_layers(xa, ["logits"])["logits"]
+    d = ae.latent_dim
+    assert np.allclose(aug[n:n + len(x), :d], mean.numpy(), atol=1e-4)
+    assert np.allclose(aug[n:n + len(x), 2 * d:], logits.numpy(), atol=1e-4)
+    card = (tmp_path / "aug" / "cinn" / "logits" / "README.md").read_text()
+    assert "flip, crop (3 cached copies)" in card
+
+
+class _Args:
+    data_dir = None
+
+
+def test_augment_copies_need_the_cache_and_known_ops(tmp_path):
+    from invint_hub.train.config import validate_config
+
+    base = {"data": {"name": "cifar10", "image_size": 32, "channels": 3}}
+    with pytest.raises(ValueError, match="cinn.augment_copies = 4 needs cinn.augment and cinn.cache_features"):
+        validate_config({**base, "cinn": {"augment": ["flip"], "augment_copies": 4}}, "x.yaml")
+    with pytest.raises(ValueError, match="x.yaml: cinn.augment has 'rotate'"):
+        validate_config({**base, "cinn": {"augment": ["rotate"]}}, "x.yaml")
+    validate_config({**base, "cinn": {"augment": ["flip"], "augment_copies": 4, "cache_features": True}}, "x.yaml")
+
+
 def test_recolor_invariance_needs_colormnist_and_invariant_dims(tmp_path):
     from invint_hub.train.config import validate_config
 

@@ -4,7 +4,10 @@ Layers whose training settings agree (``cinn.train`` and ``cinn.train_overrides.
 from one backbone pass (and one autoencoder pass) per batch: every layer's cINN sees the same batch and the same
 posterior sample z_bar. With ``cinn.cache_features: true`` the frozen networks' outputs for the training split
 (z_bar's posterior and every layer's z) are computed once and kept on disk (``<output-dir>/cache/``), so a step
-runs no backbone at all: for small data sets and large backbones.
+runs no backbone at all: for small data sets and large backbones. ``cinn.augment`` (crop, flip) augments the
+training images before both frozen networks, so z_bar and z stay a pair: afresh in every batch without the cache,
+and as ``cinn.augment_copies`` cached copies of the training split with it (copy 0 as is). More (z_bar, z) pairs
+than images keep a cINN from memorising the training latents.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from ..hub import write_model_card
 from ..pipeline import InvariancePipeline
 from .common import (autoencoder_dir, load_backbone, batch_indices, command_history, eval_loop, frozen, get_batch, make_dataset, make_optimizer,
                      run_training, save_component, saved_config, update_pipeline_json)
+from .classifier import augment_batch
 from .config import CARD_SAMPLES, EVAL_SEED, cinn_model_settings, cinn_cache_settings, data_settings, train_settings
 
 
@@ -64,7 +68,9 @@ def train_cinns(acc, cfg: dict, args, out: Path, layers: list[str]) -> dict:
 class FeatureCache(torch.utils.data.Dataset):
     """A frozen autoencoder's posterior (mean, log-variance) and a frozen backbone's representations at ``layers``
     for every image of a dataset, as rows of one float16 / float32 memory-mapped file; ``get_batch`` returns the
-    rows (B, D) and the labels, like an image dataset, so the training loop is the same."""
+    rows (B, D) and the labels, like an image dataset, so the training loop is the same. With ``copies`` > 1 it
+    holds that many copies of the dataset (rows ``k * len(ds)`` on), copy 0 as is and the others through
+    ``augment`` (seeded by copy and position: a rebuilt cache is the same)."""
 
     def __init__(self, path: Path, rows: np.ndarray, labels: torch.Tensor, shapes: dict[str, tuple[int, ...]], latent: int):
         self.path, self.rows, self.labels, self.shapes, self.latent = path, rows, labels, shapes, latent
@@ -89,11 +95,13 @@ class FeatureCache(torch.utils.data.Dataset):
     @classmethod
     @torch.no_grad()
     def build(cls, acc, ds, backbone: Backbone, ae: Autoencoder, layers: list[str], folder: Path, key: str,
-              dtype: str, max_gb: float) -> "FeatureCache":
+              dtype: str, max_gb: float, augment: list[str] | None = None, copies: int = 1) -> "FeatureCache":
         shapes = {layer: tuple(backbone.feature_shapes[layer]) for layer in layers}
         width = 2 * ae.latent_dim + sum(math.prod(s) for s in shapes.values())
         np_dtype = {"float16": np.float16, "float32": np.float32}[dtype]
-        size = len(ds) * width * np.dtype(np_dtype).itemsize
+        n = len(ds)
+        total = n * copies
+        size = total * width * np.dtype(np_dtype).itemsize
         if size > max_gb * 1e9:
             raise ValueError(f"cinn.cache_features: the cache would take {size / 1e9:.1f} GB (> cinn.cache_max_gb = "
                              f"{max_gb}); use fewer layers or images, or train without the cache")
@@ -102,36 +110,43 @@ class FeatureCache(torch.utils.data.Dataset):
         if acc.is_main_process and not path.is_file():
             folder.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
-            rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=np_dtype, shape=(len(ds), width))
-            labels = np.zeros(len(ds), dtype=np.int64)
-            for i in range(0, len(ds), 256):
-                idx = torch.arange(i, min(i + 256, len(ds)))
-                x, y = get_batch(ds, idx)
-                x = x.to(acc.device)
-                post = ae.encode(x)
-                feats = backbone.forward_layers(x, layers)
-                parts = [post.mean, post.logvar] + [feats[layer].flatten(1) for layer in layers]
-                rows[i:i + len(idx)] = torch.cat(parts, 1).float().cpu().numpy().astype(np_dtype)
-                labels[i:i + len(idx)] = torch.as_tensor(y).numpy()
+            rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=np_dtype, shape=(total, width))
+            labels = np.zeros(total, dtype=np.int64)
+            for copy in range(copies):
+                for i in range(0, n, 256):
+                    idx = torch.arange(i, min(i + 256, n))
+                    x, y = get_batch(ds, idx)
+                    if copy > 0:
+                        x = augment_batch(x, augment or [], torch.Generator().manual_seed(copy * 1_000_003 + i))
+                    x = x.to(acc.device)
+                    post = ae.encode(x)
+                    feats = backbone.forward_layers(x, layers)
+                    parts = [post.mean, post.logvar] + [feats[layer].flatten(1) for layer in layers]
+                    r = copy * n + i
+                    rows[r:r + len(idx)] = torch.cat(parts, 1).float().cpu().numpy().astype(np_dtype)
+                    labels[r:r + len(idx)] = torch.as_tensor(y).numpy()
             rows.flush()
             del rows
             np.save(labels_path, labels)
             os.replace(tmp, path)  # complete, or not there
-            acc.print(f"cached the frozen networks' outputs for {len(ds)} training images in {path} ({size / 1e9:.2f} GB)")
+            what = f"{n} training images" + (f" in {copies} copies" if copies > 1 else "")
+            acc.print(f"cached the frozen networks' outputs for {what} in {path} ({size / 1e9:.2f} GB)")
         acc.wait_for_everyone()
         rows = np.load(path, mmap_mode="r")
-        if rows.shape != (len(ds), width):
-            raise ValueError(f"{path} holds {rows.shape}, expected {(len(ds), width)}: delete it to rebuild the cache")
+        if rows.shape != (total, width):
+            raise ValueError(f"{path} holds {rows.shape}, expected {(total, width)}: delete it to rebuild the cache")
         return cls(path, rows, torch.from_numpy(np.load(labels_path)), shapes, ae.latent_dim)
 
 
-def _cache_key(out: Path, cfg: dict, args, layers: list[str], dtype: str) -> str:
-    """Changes with anything the cached outputs depend on: both networks' files, the data, the layers."""
+def _cache_key(out: Path, cfg: dict, args, layers: list[str], dtype: str, augment=(), copies: int = 1) -> str:
+    """Changes with anything the cached outputs depend on: both networks' files, the data, the layers, the
+    augmentation."""
     h = hashlib.sha256()
     for f in sorted((out / "backbone").glob("*.json")) + sorted((out / "backbone").glob("*.safetensors")) \
             + sorted(autoencoder_dir(out).glob("*.safetensors")):
         h.update(f.read_bytes())
-    h.update(json.dumps([data_settings(cfg), args.limit_train, args.data_dir, layers, dtype], sort_keys=True,
+    extra = [list(augment), copies] if copies > 1 else []  # (a cache without copies keeps its old key)
+    h.update(json.dumps([data_settings(cfg), args.limit_train, args.data_dir, layers, dtype] + extra, sort_keys=True,
                         default=str).encode())
     return h.hexdigest()[:16]
 
@@ -152,10 +167,11 @@ def train_group(acc, cfg: dict, args, out: Path, layers: list[str]) -> dict:
         torch.manual_seed(args.seed)  # each layer's cINN starts as it would if trained alone
         models[layer] = ConditionalINN(**kwargs[layer])
     cache = cinn_cache_settings(cfg)
+    augment, copies = list(cache["augment"] or []), int(cache["augment_copies"])
     if cache["cache_features"]:
-        train_ds = FeatureCache.build(acc, train_ds, backbone, ae, layers, out / "cache",
-                                      _cache_key(out, cfg, args, layers, cache["cache_dtype"]), cache["cache_dtype"],
-                                      cache["cache_max_gb"])
+        key = _cache_key(out, cfg, args, layers, cache["cache_dtype"], augment, copies)
+        train_ds = FeatureCache.build(acc, train_ds, backbone, ae, layers, out / "cache", key, cache["cache_dtype"],
+                                      cache["cache_max_gb"], augment, copies)
 
     def inputs(x, gen=None):
         """A batch -> (z_bar sampled from the posterior, {layer: z}), from images or from cached rows."""
@@ -184,6 +200,9 @@ def train_group(acc, cfg: dict, args, out: Path, layers: list[str]) -> dict:
 
     def step_fn(x, y, step):
         group.train()
+        if augment and not isinstance(train_ds, FeatureCache):  # seeded by the step, as the classifier stage does
+            x = augment_batch(x, augment, torch.Generator().manual_seed((args.seed * 1_000_003 + step) * 64
+                                                                        + acc.process_index))
         zbar, zs = inputs(x)
         with acc.autocast():
             outs = group(zbar, zs)
@@ -254,7 +273,8 @@ def train_group(acc, cfg: dict, args, out: Path, layers: list[str]) -> dict:
                  "latent dim": saved["latent_dim"], "flows": saved["n_flows"], "subnet width": saved["hidden"],
                  "subnet depth": saved["depth"], "parameters": sum(p.numel() for p in m.parameters()),
                  "steps": t["steps"], "batch size": t["batch_size"], "lr": t["lr"],
-                 "frozen networks' outputs cached": bool(cache["cache_features"])},
+                 "frozen networks' outputs cached": bool(cache["cache_features"]),
+                 "augmentation": (", ".join(augment) + (f" ({copies} cached copies)" if copies > 1 else "")) or "none"},
                 metrics={f"test NLL (bits/dim, first {n_eval} test images)": ev_l["bpd"],
                          "class agreement of samples D(t^-1(v|z)) with the input (1 sample per image)": ev_l["class_agreement"],
                          "class agreement of reconstructions D(E(x)) (the ceiling)": ceiling,

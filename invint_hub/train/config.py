@@ -28,7 +28,7 @@ DATA = dict(train_split="train", test_split="test", seed=0, num_classes=10)
 # layers: null = the backbone's default layers; input_size: null = the weights' own.
 PRETRAINED = dict(source="torchvision", weights="DEFAULT", layers=None, input_size=None)
 # ``cinn``: cache the frozen networks' outputs for the training split on disk (small data sets, large backbones)
-CINN_CACHE = dict(cache_features=False, cache_dtype="float16", cache_max_gb=8.0)
+CINN_CACHE = dict(cache_features=False, cache_dtype="float16", cache_max_gb=8.0, augment=[], augment_copies=1)
 # ``autoencoder.loss``
 AUTOENCODER_LOSS = dict(
     perceptual="backbone", perceptual_weight=1.0, perceptual_layers=None, lpips_weights=None,
@@ -108,12 +108,14 @@ LOSS_RULES = dict(
 )
 CONCEPT_RULES = dict(pairs=(("colormnist", "labels", "attributes"), None), factors=(list, None), attributes=(dict, None),
                      factor_sizes=(None, None), rho=(float, lambda v: 0 <= v < 1), estimate_pairs=(int, _positive))
+# augment: crop / flip of the training images before both frozen networks (so z_bar and z stay paired); with the
+# cache, augment_copies copies of the training split are cached (copy 0 as is, the others augmented)
 CINN_CACHE_RULES = dict(cache_features=(bool, None), cache_dtype=(("float16", "float32"), None),
-                        cache_max_gb=(float, _positive))
+                        cache_max_gb=(float, _positive), augment=(list, None), augment_copies=(int, _positive))
 SECTIONS = {  # section -> allowed keys (model sections are checked against the model class)
     "data": set(DATA_RULES), "classifier": {"model", "train", "pretrained"},
     "autoencoder": {"model", "loss", "train", "from"},
-    "cinn": {"layers", "model", "layer_overrides", "train", "train_overrides", "cache_features", "cache_dtype", "cache_max_gb"},
+    "cinn": {"layers", "model", "layer_overrides", "train", "train_overrides"} | set(CINN_CACHE_RULES),
     "concepts": {"model", "train"} | set(CONCEPT_RULES),
 }
 
@@ -196,9 +198,11 @@ def validate_config(cfg, path: str | Path) -> None:
         _check_section(sec.get("train"), CLASSIFIER_TRAIN_RULES if name == "classifier" else TRAIN_RULES,
                        f"{name}.train", where)
     _check_section((cfg.get("classifier") or {}).get("pretrained"), PRETRAINED_RULES, "classifier.pretrained", where)
-    for op in ((cfg.get("classifier") or {}).get("train") or {}).get("augment") or []:
-        if op not in AUGMENTATIONS:
-            raise ValueError(f"{where}: classifier.train.augment has {op!r}; allowed entries: {', '.join(AUGMENTATIONS)}")
+    for key, ops in (("classifier.train.augment", ((cfg.get("classifier") or {}).get("train") or {}).get("augment")),
+                     ("cinn.augment", (cfg.get("cinn") or {}).get("augment"))):
+        for op in ops or []:
+            if op not in AUGMENTATIONS:
+                raise ValueError(f"{where}: {key} has {op!r}; allowed entries: {', '.join(AUGMENTATIONS)}")
     _check_section((cfg.get("autoencoder") or {}).get("loss"), LOSS_RULES, "autoencoder.loss", where)
     aloss = (cfg.get("autoencoder") or {}).get("loss") or {}
     if (aloss.get("recolor_invariance") or 0) > 0:
@@ -226,6 +230,9 @@ def validate_config(cfg, path: str | Path) -> None:
     for layer, override in (cinn.get("train_overrides") or {}).items():
         _check_section(override, TRAIN_RULES, f"cinn.train_overrides.{layer}", where)
     _check_section({k: v for k, v in cinn.items() if k in CINN_CACHE_RULES}, CINN_CACHE_RULES, "cinn", where)
+    if (cinn.get("augment_copies") or 1) > 1 and not (cinn.get("augment") and cinn.get("cache_features")):
+        raise ValueError(f"{where}: cinn.augment_copies = {cinn['augment_copies']} needs cinn.augment and "
+                         f"cinn.cache_features: true (without the cache every batch is augmented afresh)")
     if cinn.get("layers") is not None and not isinstance(cinn["layers"], list):
         raise ValueError(f"{where}: cinn.layers must be a list of layer names, got {cinn['layers']!r}")
 
@@ -305,7 +312,8 @@ def cinn_layers(cfg: dict) -> list[str]:
 
 
 def cinn_cache_settings(cfg: dict) -> dict:
-    """``cinn.cache_features`` / ``cache_dtype`` / ``cache_max_gb`` over ``CINN_CACHE``."""
+    """``cinn.cache_features`` / ``cache_dtype`` / ``cache_max_gb`` / ``augment`` / ``augment_copies`` over
+    ``CINN_CACHE``."""
     s = section(cfg, "cinn")
     return {k: s.get(k, v) for k, v in CINN_CACHE.items()}
 
