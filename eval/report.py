@@ -11,7 +11,9 @@ Sections (``--sections``, default all):
   baseline     a deterministic inverse decoder per layer (Dosovitskiy & Brox style), same metrics
   iin          autoencoder + unconditional INN as a generative model: D(T^-1(eps)) vs D(eps)
   adversarial  FGSM vs random sign noise of the same eps, per layer
-``--render-only`` rewrites report.md and the plots from an existing results.json.
+``--render-only`` rewrites report.md and the plots from an existing results.json. ``--merge`` keeps the sections
+of an existing results.json that this run does not compute (same pipeline and protocol, else an error), so a slow
+section can be added later: ``--sections baseline --merge``.
 """
 from __future__ import annotations
 
@@ -144,6 +146,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--models-dir", default=None,
                    help="load the baselines from here when present, else train and save them here (safetensors)")
     p.add_argument("--render-only", action="store_true", help="rewrite report.md and plots from <out>/results.json")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the sections of <out>/results.json that this run does not compute (same protocol)")
     args = p.parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]
     preset = FULL_PRESET if args.full else CPU_PRESET
@@ -809,6 +813,46 @@ def _load_or_train(models_dir: Path | None, name: str, cls, train_fn):
     return model, meta
 
 
+SECTION_KEYS = {"layers": ("reconstruction", "layers"), "baseline": ("deterministic_baseline",), "iin": ("iin",),
+                "adversarial": ("adversarial",)}
+# what must agree for two runs' sections to sit in one report
+MERGE_SETTINGS = ("full", "seed", "n_images", "n_ref", "draws", "var_samples", "kid_subset_size", "kid_subsets",
+                  "adv_images", "fgsm_eps")
+
+
+def check_mergeable(old: dict, new: dict) -> None:
+    """``ValueError`` naming the first setting in which two runs differ (pipeline, test images, draws, feature
+    extractor): their sections cannot sit in one report."""
+    checks = [("pipeline", old["pipeline"]["name"], new["pipeline"]["name"]),
+              ("layers", old["pipeline"]["layers"], new["pipeline"]["layers"]),
+              ("inception", old["inception"].get("sha256"), new["inception"].get("sha256"))]
+    checks += [(k, old["settings"].get(k), new["settings"].get(k)) for k in MERGE_SETTINGS]
+    for key, a, b in checks:
+        if a != b:
+            raise ValueError(f"--merge: results.json has {key} = {a!r}, this run {b!r}; rerun every section instead")
+
+
+def merge_results(old: dict, new: dict) -> dict:
+    """``new`` plus the sections of ``old`` that ``new`` did not compute (``check_mergeable`` first)."""
+    check_mergeable(old, new)
+    done = set(new["settings"]["sections"])
+    kept = [s for s in old["settings"]["sections"] if s not in done and s in SECTION_KEYS]
+    merged = dict(new)
+    for section in kept:
+        for key in SECTION_KEYS[section]:
+            if key in old:
+                merged[key] = old[key]
+    merged["command"] = old["command"] + "\n" + new["command"]
+    merged["settings"] = dict(new["settings"], sections=[s for s in SECTION_KEYS if s in done or s in kept])
+    for key in ("timings_s", "cpu_times_s"):  # per section from the run that computed it; totals add up
+        t = {k: v for k, v in old.get(key, {}).items() if k in kept}
+        t.update({k: v for k, v in new[key].items() if k not in ("total", "data_and_reference")})
+        for k in ("data_and_reference", "total"):
+            t[k] = round(old.get(key, {}).get(k, 0) + new[key].get(k, 0), 1)
+        merged[key] = t
+    return merged
+
+
 def run(args, feature_extractor=None) -> dict:
     """Compute every section; returns the results dict (also written to ``<out>/results.json``)."""
     from invint_hub.cinn import INN
@@ -860,6 +904,13 @@ def run(args, feature_extractor=None) -> dict:
         extractor = feature_extractor.to(device).eval()
         inc = {"description": f"custom feature extractor {type(feature_extractor).__name__} (NOT Inception: numbers are not FIDs)"}
     results["inception"] = inc
+    old = None
+    if args.merge:  # refuse before the slow sections, not after them
+        path = out / "results.json"
+        if not path.is_file():
+            raise ValueError(f"--merge: {path} not found")
+        old = json.loads(path.read_text())
+        check_mergeable(old, results)
     ev = Evaluator(pipe, args, extractor, x_ref, y_ref)
     timings["data_and_reference"], cpu_times["data_and_reference"] = time.time() - t, time.process_time() - c
 
@@ -928,7 +979,7 @@ def run(args, feature_extractor=None) -> dict:
         log(f"adversarial: attack success {results['adversarial']['attack_success_rate']:.3f}")
         timings["adversarial"], cpu_times["adversarial"] = time.time() - t, time.process_time() - c
 
-    if "layers" in args.sections:  # sample grids: input | reconstruction | 4 samples | deterministic inverse
+    if "layers" in args.sections or decoders:  # sample grids: input | reconstruction | 4 samples | det. inverse
         k = min(6, len(ev.x))
         xs = ev.x[:k].to(device)
         with torch.no_grad():
@@ -945,6 +996,8 @@ def run(args, feature_extractor=None) -> dict:
     results["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     results["cpu_times_s"] = {k: round(v, 1) for k, v in cpu_times.items()}  # process CPU time (all threads)
     results = _jsonable(results)
+    if old is not None:
+        results = merge_results(old, results)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results
 

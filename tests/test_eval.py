@@ -341,6 +341,29 @@ def test_report_reuses_saved_models_and_renders_from_json(report_run, tmp_path):
     assert "Autoencoder + unconditional INN" in (tmp_path / "report.md").read_text()
 
 
+def test_report_merge_adds_a_section_and_keeps_the_others(report_run, tmp_path):
+    """--merge: a later run of one section keeps the other sections of results.json, and refuses a run whose
+    protocol differs (before computing anything slow)."""
+    out, models, first, args = report_run
+    args2 = [a if a != str(out) else str(tmp_path) for a in args]
+    main(args2 + ["--sections", "layers,adversarial"], feature_extractor=TinyFeatures())
+    merged = main(args2 + ["--sections", "baseline", "--merge"], feature_extractor=TinyFeatures())
+    assert merged["settings"]["sections"] == ["layers", "baseline", "adversarial"]
+    assert merged["layers"]["conv1"]["fid"]["mean"] == pytest.approx(first["layers"]["conv1"]["fid"]["mean"])
+    assert merged["adversarial"] == json.loads(json.dumps(first["adversarial"]))
+    assert merged["deterministic_baseline"]["conv1"]["fid"] == pytest.approx(first["deterministic_baseline"]["conv1"]["fid"])
+    assert merged["command"].count("python -m eval.report") == 2 and "--merge" in merged["command"].splitlines()[1]
+    assert json.loads((tmp_path / "results.json").read_text())["settings"]["sections"] == merged["settings"]["sections"]
+    text = (tmp_path / "report.md").read_text()
+    assert "deterministic inverse" in text.lower() and f"{merged['layers']['conv1']['fid']['mean']:.2f}" in text
+    bad = [a if a != "12" else "10" for a in args2]  # --n-images 10 instead of 12
+    with pytest.raises(SystemExit, match="--merge: results.json has n_images = 12, this run 10"):
+        main(bad + ["--sections", "iin", "--merge"], feature_extractor=TinyFeatures())
+    with pytest.raises(SystemExit, match="--merge: .*results.json not found"):
+        main([a if a != str(out) else str(tmp_path / "none") for a in args] + ["--sections", "iin", "--merge"],
+             feature_extractor=TinyFeatures())
+
+
 def test_report_refuses_bad_arguments(tiny_pipeline_dir, tmp_path):
     base = ["--pipeline", str(tiny_pipeline_dir), "--out", str(tmp_path)]
     with pytest.raises(SystemExit):
