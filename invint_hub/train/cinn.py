@@ -7,7 +7,7 @@ posterior sample z_bar. With ``cinn.cache_features: true`` the frozen networks' 
 runs no backbone at all: for small data sets and large backbones. ``cinn.augment`` (crop, flip) augments the
 training images before both frozen networks, so z_bar and z stay a pair: afresh in every batch without the cache,
 and as ``cinn.augment_copies`` cached copies of the training split with it (copy 0 as is). More (z_bar, z) pairs
-than images keep a cINN from memorising the training latents.
+than images lower the test NLL (on cifar10's logits they did not raise the samples' class agreement).
 """
 from __future__ import annotations
 
