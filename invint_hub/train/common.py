@@ -2,6 +2,7 @@
 command history, saving, the pipeline folder's ``pipeline.json`` and model cards, and the Hub upload."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -364,8 +365,33 @@ def has_autoencoder(out: Path) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _locked(lock: Path):
+    """An exclusive lock on the file ``lock`` (POSIX; elsewhere none): stages of one folder run side by side."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no concurrent stages there
+        yield
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def update_pipeline_json(out: Path, cfg: dict, **changes) -> None:
+    """Read, change and rewrite ``<out>/pipeline.json`` under a lock, written atomically (a temporary file, then
+    ``os.replace``): two stages of one folder started together (e.g. two ``--layer`` groups of the cINN stage) neither
+    read a half-written file nor lose each other's entries."""
     path = out / PIPELINE_FILE
+    with _locked(out / "logs" / f"{PIPELINE_FILE}.lock"):  # logs/: not exported, not pushed
+        _update_pipeline_json(path, cfg, changes)
+
+
+def _update_pipeline_json(path: Path, cfg: dict, changes: dict) -> None:
     info = json.loads(path.read_text()) if path.exists() else {}
     info.setdefault("format", "invint_hub.pipeline/1")
     info.update(dataset=cfg["data"]["name"], image_size=cfg["data"]["image_size"], channels=cfg["data"]["channels"])
@@ -379,7 +405,9 @@ def update_pipeline_json(out: Path, cfg: dict, **changes) -> None:
             info["cinn"][v] = f"cinn/{v}"
         else:
             info[k] = v
-    path.write_text(json.dumps(info, indent=2, sort_keys=True))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(info, indent=2, sort_keys=True))
+    os.replace(tmp, path)
 
 
 def write_pipeline_card(out: Path, cfg: dict) -> None:
