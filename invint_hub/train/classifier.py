@@ -10,7 +10,7 @@ from ..backbones import Backbone
 from ..hub import write_model_card
 from .common import (command_history, command_line, eval_loop, make_dataset, make_optimizer, run_training,
                      save_component, update_pipeline_json)
-from .config import data_settings, model_settings, pretrained_settings, train_settings
+from .config import data_settings, model_settings, pretrained_settings, section, train_settings
 
 
 def pretrained_backbone(pre: dict, data: dict, extra: dict | None = None) -> Backbone:
@@ -39,6 +39,24 @@ def augment_batch(x: torch.Tensor, ops: list[str], generator: torch.Generator, p
         cols = (j[:, None] + torch.arange(w, device=x.device))[:, None, :]  # (B, 1, S)
         x = xp[torch.arange(b, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
     return x.contiguous()
+
+
+def load_initial_weights(model: Backbone, path: str | Path) -> None:
+    """``classifier.init_from``: copy a trained Backbone's weights (a backbone folder, or a pipeline folder with
+    ``backbone/``) into ``model``, strictly: same keys and shapes, or a one-line error naming the folder."""
+    path = Path(path)
+    if (path / "backbone" / "config.json").exists():
+        path = path / "backbone"
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"classifier.init_from: {path} holds no backbone (no config.json)")
+    src = Backbone.from_pretrained(str(path))
+    if src.arch != model.arch:
+        raise ValueError(f"classifier.init_from: {path} holds a {src.arch}, the config builds a {model.arch}")
+    try:
+        model.load_state_dict({k: v.float() for k, v in src.state_dict().items()}, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(f"classifier.init_from: the weights in {path} do not fit the config's model: {first}") from None
 
 
 def train_classifier(acc, cfg: dict, args, out: Path):
@@ -72,6 +90,9 @@ def train_classifier(acc, cfg: dict, args, out: Path):
             kwargs.setdefault("class_names", names)
         torch.manual_seed(args.seed)
         model = Backbone(**kwargs)
+    init_from = section(cfg, "classifier").get("init_from")
+    if init_from:
+        load_initial_weights(model, init_from)
     opt = make_optimizer(model.parameters(), t)
     model, opt = acc.prepare(model, opt)
 
@@ -116,7 +137,8 @@ def train_classifier(acc, cfg: dict, args, out: Path):
              "feature shapes": "; ".join(f"{k}: {list(v)}" for k, v in m.feature_shapes.items()),
              "parameters": sum(p.numel() for p in m.parameters()), "steps": t["steps"], "batch size": t["batch_size"],
              "augmentation": ", ".join(augment) or "none", "optimizer": t.get("optimizer", "adamw"),
-             "label smoothing": smoothing},
+             "label smoothing": smoothing,
+             **({"initialised from": str(init_from)} if init_from else {})},
             metrics={f"test accuracy ({min(t['eval_samples'], len(test_ds))} test images)": ev["accuracy"],
                      "test loss": ev["loss"]},
             command=command_history(out, "classifier", args), datasets=[data["name"]],

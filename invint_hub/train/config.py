@@ -113,7 +113,7 @@ CONCEPT_RULES = dict(pairs=(("colormnist", "labels", "attributes"), None), facto
 CINN_CACHE_RULES = dict(cache_features=(bool, None), cache_dtype=(("float16", "float32"), None),
                         cache_max_gb=(float, _positive), augment=(list, None), augment_copies=(int, _positive))
 SECTIONS = {  # section -> allowed keys (model sections are checked against the model class)
-    "data": set(DATA_RULES), "classifier": {"model", "train", "pretrained"},
+    "data": set(DATA_RULES), "classifier": {"model", "train", "pretrained", "init_from"},
     "autoencoder": {"model", "loss", "train", "from"},
     "cinn": {"layers", "model", "layer_overrides", "train", "train_overrides"} | set(CINN_CACHE_RULES),
     "concepts": {"model", "train"} | set(CONCEPT_RULES),
@@ -198,6 +198,13 @@ def validate_config(cfg, path: str | Path) -> None:
         _check_section(sec.get("train"), CLASSIFIER_TRAIN_RULES if name == "classifier" else TRAIN_RULES,
                        f"{name}.train", where)
     _check_section((cfg.get("classifier") or {}).get("pretrained"), PRETRAINED_RULES, "classifier.pretrained", where)
+    init_from = (cfg.get("classifier") or {}).get("init_from")
+    if init_from is not None:  # a second training stage: start from a trained Backbone (train_classifier loads it)
+        if not isinstance(init_from, str):
+            raise ValueError(f"{where}: classifier.init_from = {init_from!r}; expected the path of a backbone or "
+                             "pipeline folder")
+        if (cfg.get("classifier") or {}).get("pretrained"):
+            raise ValueError(f"{where}: classifier.init_from and classifier.pretrained exclude each other")
     for key, ops in (("classifier.train.augment", ((cfg.get("classifier") or {}).get("train") or {}).get("augment")),
                      ("cinn.augment", (cfg.get("cinn") or {}).get("augment"))):
         for op in ops or []:
