@@ -391,3 +391,72 @@ def test_export_leaves_out_checkpoints_logs_and_the_feature_cache(trained, tmp_p
     dst = export(src, tmp_path / "exported")
     assert not any((dst / d).exists() for d in ("cache", "checkpoints", "logs"))
     assert InvariancePipeline.from_pretrained(dst).layers == ["conv1", "logits"]
+
+
+def _stage_two_config(tmp_path, init_from, **model):
+    import yaml
+
+    from conftest import TINY
+
+    cfg = {"data": TINY["data"], "classifier": {
+        "model": {**TINY["classifier"]["model"], **model}, "init_from": str(init_from),
+        "train": {**TINY["classifier"]["train"], "steps": 1, "lr": 1e-12, "optimizer": "sgd"}}}
+    path = tmp_path / "stage2.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_classifier_init_from_starts_from_a_trained_backbone(trained, tmp_path):
+    """classifier.init_from (a second stage, e.g. configs/cifar10.yaml): the run starts from the folder's weights."""
+    from invint_hub.backbones import Backbone
+
+    cfg = _stage_two_config(tmp_path, trained)  # a pipeline folder; its backbone/ is used
+    main(["classifier", "--config", str(cfg), "--output-dir", str(tmp_path / "out"), "--quiet"])
+    src = Backbone.from_pretrained(trained / "backbone").state_dict()
+    new = Backbone.from_pretrained(tmp_path / "out" / "backbone").state_dict()
+    assert set(src) == set(new)
+    for k in src:  # one step at lr 1e-12: the weights are the source's (a fresh init would differ everywhere)
+        assert torch.allclose(src[k].float(), new[k].float(), atol=1e-5), k
+    assert f"initialised from | {trained}" in (tmp_path / "out" / "backbone" / "README.md").read_text()
+
+
+def test_classifier_init_from_mistakes_are_one_line_errors(trained, tmp_path):
+    cfg = _stage_two_config(tmp_path, tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"classifier\.init_from: .*nowhere holds no backbone"):
+        main(["classifier", "--config", str(cfg), "--output-dir", str(tmp_path / "a"), "--quiet"])
+    cfg = _stage_two_config(tmp_path, trained / "backbone", width=6)  # the config builds another width
+    with pytest.raises(ValueError, match=r"classifier\.init_from: the weights in .*backbone do not fit") as e:
+        main(["classifier", "--config", str(cfg), "--output-dir", str(tmp_path / "b"), "--quiet"])
+    assert "\n" not in str(e.value)
+
+
+def _add_layers(out, names):
+    from invint_hub.train.common import update_pipeline_json
+
+    cfg = {"data": {"name": "synthetic", "image_size": 16, "channels": 1}}
+    for name in names:
+        update_pipeline_json(Path(out), cfg, cinn_layer=name)
+
+
+def test_pipeline_json_survives_stages_writing_it_at_once(tmp_path):
+    """Two --layer groups of the cINN stage started together both write pipeline.json: a reader never sees a
+    half-written file and no entry is lost (a lock around read-modify-write, an atomic replace)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    groups = [[f"g{g}_{i}" for i in range(40)] for g in range(4)]
+    procs = [ctx.Process(target=_add_layers, args=(tmp_path, names)) for names in groups]
+    for p in procs:
+        p.start()
+    reads = 0
+    while any(p.is_alive() for p in procs):
+        path = tmp_path / "pipeline.json"
+        if path.exists():
+            json.loads(path.read_text())  # raises on a half-written file
+            reads += 1
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0
+    info = json.loads((tmp_path / "pipeline.json").read_text())
+    assert set(info["cinn"]) == {n for names in groups for n in names} and reads > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs", "pipeline.json"]  # no temporary file left
