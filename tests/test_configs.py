@@ -26,6 +26,9 @@ def test_config_builds(path):
                                                  image_size=data["image_size"], **cfg["classifier"].get("model", {}))
         else:
             backbone = Backbone(in_channels=data["channels"], image_size=data["image_size"], **cfg["classifier"]["model"])
+        if "autoencoder" not in cfg:  # a classifier-only config (a further training stage of one classifier)
+            assert set(cfg) == {"data", "classifier"} and cfg["classifier"].get("init_from") and backbone.layers
+            return
         ae_cfg = cfg["autoencoder"]
         if "from" in ae_cfg:  # another config's autoencoder (runs/<name> -> configs/<name>.yaml): same images
             src = load_config(path.parent / f"{Path(ae_cfg['from']).name}.yaml")
