@@ -132,7 +132,7 @@ def test_check_uploads_warns_for_a_photo_and_not_for_a_digit(embedded_app, photo
     assert embedded_app.check_uploads("mnist", True, str(e.examples[0])) == ""
     warned = [embedded_app.check_uploads("mnist", False, p) for p in photos[:10]]
     assert all("Out of domain" in w and "handwritten digits" in w for w in warned)
-    # colormnist fires on 91.9% of 1000 such upscaled photos (eval/results/ood.md); these 40 are a sample of them
+    # colormnist fires on 96.9% of 1000 such upscaled photos (eval/results/ood.md); these 40 are a sample of them
     color = [embedded_app.check_uploads("colormnist", False, p) for p in photos]
     assert sum("Out of domain" in w for w in color) >= 32
     two = embedded_app.check_uploads("mnist", False, photos[0], str(e.examples[1]))
