@@ -276,6 +276,25 @@ class PairDataset(Dataset):
 
     concept_names: list[str]
     seed: int
+    weights: torch.Tensor | None = None  # how often each concept is the shared one (None: uniform, as in IIN)
+
+    def set_weights(self, weights: dict[str, float] | None) -> "PairDataset":
+        """Draw the shared concept with these relative weights ({concept name: weight > 0}) instead of uniformly."""
+        if weights is None:
+            self.weights = None
+            return self
+        if set(weights) != set(self.concept_names):
+            raise ValueError(f"pair weights need one weight per concept {self.concept_names}, got {sorted(weights)}")
+        w = [float(weights[n]) for n in self.concept_names]
+        if not all(v > 0 for v in w):
+            raise ValueError(f"pair weights must all be > 0, got {dict(weights)}")
+        self.weights = torch.tensor(w, dtype=torch.float64)
+        return self
+
+    def _draw_factors(self, g: torch.Generator, b: int) -> torch.Tensor:
+        if self.weights is None:
+            return torch.randint(len(self.concept_names), (b,), generator=g)
+        return torch.multinomial(self.weights, b, replacement=True, generator=g)
 
     def _generator(self, idx: torch.Tensor) -> torch.Generator:
         weights = torch.arange(1, len(idx) + 1, dtype=torch.long)
@@ -314,7 +333,7 @@ class ColorMNISTPairs(PairDataset):
         ``bg``: same background colour, random other image, new foreground;
         ``color``: same foreground and background colour, random other image (IIN's one "colour" factor);
         ``shape``: the same MNIST image repainted with new colours (the autoencoder's recolouring-invariance pairs).
-    The shared concept of each pair is drawn uniformly, as in the IIN code.
+    The shared concept of each pair is drawn uniformly, as in the IIN code, unless ``set_weights`` is called.
     """
 
     def __init__(self, masks: torch.Tensor, labels: torch.Tensor, concepts: Sequence[str] = ("digit", "fg", "bg"), seed: int = 0):
@@ -345,7 +364,7 @@ class ColorMNISTPairs(PairDataset):
         idx = torch.as_tensor(idx, dtype=torch.long)
         g = self._generator(idx)
         b = len(idx)
-        factors = torch.randint(len(self.concept_names), (b,), generator=g)
+        factors = self._draw_factors(g, b)
         fg_a, bg_a, fg_b, bg_b = torch.rand(4, b, 3, generator=g)
         j_any = torch.randint(len(self.labels), (b,), generator=g)
         j_same = self._same_class(self.labels[idx], torch.rand(b, generator=g))
@@ -419,7 +438,7 @@ class AttributePairs(PairDataset):
     def get_batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(idx, dtype=torch.long)
         g = self._generator(idx)
-        factors = torch.randint(len(self.concept_names), (len(idx),), generator=g)
+        factors = self._draw_factors(g, len(idx))
         u = torch.rand(len(idx), generator=g)
         j = torch.empty_like(idx)
         for k in range(len(self.concept_names)):

@@ -205,6 +205,51 @@ def test_colormnist_shape_pairs_repaint_the_same_image():
         assert torch.allclose(s["pairs"][:, h], want)
 
 
+def test_pair_weights_set_how_often_each_concept_is_shared():
+    masks, labels = _masks()
+    uniform = ColorMNISTPairs(masks, labels, ["digit", "fg", "bg"], seed=3)
+    weighted = ColorMNISTPairs(masks, labels, ["digit", "fg", "bg"], seed=3).set_weights({"digit": 4, "fg": 1, "bg": 1})
+    idx = torch.arange(40).repeat(150)  # 6000 pairs
+    f = weighted.sample(idx)["factors"]
+    share = torch.bincount(f, minlength=3).double() / len(f)
+    assert abs(share[0] - 4 / 6) < 0.03 and abs(share[1] - 1 / 6) < 0.03 and abs(share[2] - 1 / 6) < 0.03
+    fu = uniform.sample(idx)["factors"]
+    assert (torch.bincount(fu, minlength=3).double() / len(fu) - 1 / 3).abs().max() < 0.03
+    # the pairs still share what their label says, and stay a pure function of the indices
+    s = weighted.sample(torch.arange(40))
+    digit = s["factors"] == 0
+    assert (s["digit_a"][digit] == s["digit_b"][digit]).all() and torch.equal(weighted.sample(torch.arange(40))["pairs"], s["pairs"])
+    # weights=None gives back the uniform draw exactly (the shipped test pairs do not change)
+    assert torch.equal(weighted.set_weights(None).sample(idx)["factors"], fu)
+
+
+@pytest.mark.parametrize("weights, match", [({"digit": 1, "fg": 1}, "one weight per concept"),
+                                            ({"digit": 1, "fg": 1, "bg": 1, "size": 1}, "one weight per concept"),
+                                            ({"digit": 0, "fg": 1, "bg": 1}, "> 0")])
+def test_pair_weights_reject_bad_values(weights, match):
+    masks, labels = _masks()
+    with pytest.raises(ValueError, match=match):
+        ColorMNISTPairs(masks, labels, ["digit", "fg", "bg"]).set_weights(weights)
+
+
+def test_pair_weights_apply_to_the_training_pairs_only(monkeypatch):
+    from types import SimpleNamespace
+
+    import invint_hub.train.concepts as stage
+
+    masks, labels = _masks()
+    monkeypatch.setattr(stage, "make_dataset", lambda *a, **k: SimpleNamespace(masks=masks, labels=labels))
+    monkeypatch.setattr(stage, "ColorMNIST", SimpleNamespace)  # the fake dataset passes the stage's type check
+    cfg = {"data": {"name": "colormnist", "image_size": 32, "channels": 3},
+           "concepts": {"pair_weights": {"digit": 4, "fg": 1, "bg": 1}}}
+    args = SimpleNamespace(data_dir=None)
+    train, test = stage.make_pair_dataset(cfg, "train_split", args, None, 0), stage.make_pair_dataset(cfg, "test_split", args, None, 1)
+    assert train.weights.tolist() == [4.0, 1.0, 1.0] and test.weights is None
+    cfg["concepts"]["pair_weights"] = {"digit": 4}
+    with pytest.raises(ValueError, match="concepts.pair_weights: .*one weight per concept"):
+        stage.make_pair_dataset(cfg, "train_split", args, None, 0)
+
+
 def test_colormnist_pairs_reject_unknown_concepts():
     masks, labels = _masks()
     with pytest.raises(ValueError, match="subset"):

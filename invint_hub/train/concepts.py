@@ -22,6 +22,18 @@ from .config import (CARD_SAMPLES, CONCEPT_VARIANCE_IMAGES, EVAL_SEED, concept_s
 
 
 def make_pair_dataset(cfg: dict, split_key: str, args, limit: int | None, seed: int) -> PairDataset:
+    """The pairs of one split; ``concepts.pair_weights`` applies to the training split only (test pairs stay uniform)."""
+    pairs = _pair_dataset(cfg, split_key, args, limit, seed)
+    weights = concept_settings(cfg).get("pair_weights")
+    if weights is not None and split_key == "train_split":
+        try:
+            pairs.set_weights(weights)
+        except ValueError as err:
+            raise ValueError(f"concepts.pair_weights: {err}") from None
+    return pairs
+
+
+def _pair_dataset(cfg: dict, split_key: str, args, limit: int | None, seed: int) -> PairDataset:
     c = concept_settings(cfg)
     data = data_settings(cfg)
     if c["pairs"] == "colormnist":
@@ -194,7 +206,7 @@ def train_concepts(acc, cfg: dict, args, out: Path):
             "(concepts) and a residual, trained with pairs of images that share one concept (IIN pair loss).",
             {"factors (residual last)": ", ".join(f"{n}: {s}" for n, s in zip(names, sizes)),
              "factor sizes from": "IIN dimensionality estimate" if estimate else "config",
-             "pairs": c["pairs"], "rho": saved["rho"], "latent dim": saved["dim"], "flows": saved["n_flows"],
+             "pairs": c["pairs"], "pair weights (training)": c.get("pair_weights") or "uniform", "rho": saved["rho"], "latent dim": saved["dim"], "flows": saved["n_flows"],
              "subnet width": saved["hidden"], "subnet depth": saved["depth"], "mixing": saved.get("mixing", "shuffle"),
              "parameters": sum(p.numel() for p in m.parameters()), "steps": t["steps"], "batch size (pairs)": t["batch_size"],
              "lr": t["lr"]},

@@ -43,7 +43,8 @@ AUTOENCODER_LOSS = dict(
 # ``concepts.model``: the concept INN e (the paper's 12 blocks of width 512, depth 2)
 CONCEPT_MODEL = dict(n_flows=12, hidden=512, depth=2)
 # ``concepts``: how pairs are made and how the factors are sized (``pairs`` and ``factors`` depend on the data,
-# see ``concept_settings``)
+# see ``concept_settings``). Optional ``pair_weights: {concept: weight}``: how often each concept is the shared one in
+# the training pairs (default: uniform, as IIN); test pairs are always uniform.
 CONCEPTS = dict(factor_sizes="estimate", rho=DEFAULT_RHO, estimate_pairs=5000)
 COLORMNIST_FACTORS = ["digit", "fg", "bg"]
 LABEL_FACTORS = ["class"]
@@ -107,7 +108,7 @@ LOSS_RULES = dict(
     recolor_invariance=(float, _non_negative), invariant_dims=(int, _positive),
 )
 CONCEPT_RULES = dict(pairs=(("colormnist", "labels", "attributes"), None), factors=(list, None), attributes=(dict, None),
-                     factor_sizes=(None, None), rho=(float, lambda v: 0 <= v < 1), estimate_pairs=(int, _positive))
+                     factor_sizes=(None, None), pair_weights=(dict, None), rho=(float, lambda v: 0 <= v < 1), estimate_pairs=(int, _positive))
 # augment: crop / flip of the training images before both frozen networks (so z_bar and z stay paired); with the
 # cache, augment_copies copies of the training split are cached (copy 0 as is, the others augmented)
 CINN_CACHE_RULES = dict(cache_features=(bool, None), cache_dtype=(("float16", "float32"), None),
