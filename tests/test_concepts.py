@@ -436,7 +436,8 @@ def test_colormnist_config_concepts_section():
     cfg = yaml.safe_load((Path(__file__).parent.parent / "configs" / "colormnist.yaml").read_text())
     c = concept_settings(cfg)
     assert cfg["data"]["name"] == "colormnist" and cfg["data"]["channels"] == 3 and cfg["data"]["image_size"] == 32
-    assert c["pairs"] == "colormnist" and c["factors"] == ["digit", "fg", "bg"] and c["rho"] == 0.975
+    assert c["pairs"] == "colormnist" and c["factors"] == ["digit", "fg", "bg"] and c["rho"] == 0.995
+    assert c["factor_sizes"] == [4, 3, 3, 54] and c["pair_weights"] == {"digit": 4, "fg": 1, "bg": 1}
 
 
 def test_celeba_config_runs_on_a_fake_celeba_folder(tmp_path):
@@ -494,3 +495,37 @@ def test_report_colour_measurement_recovers_painted_colours():
     gap = (fg - bg).norm(dim=1) > 0.3
     assert count == int(gap.sum()) and share == 1.0
     assert closer_to_source(bg_m, fg, bg)[0] == 0.0
+
+
+def test_a_concepts_checkpoint_becomes_a_loadable_pipeline(concept_pipeline_dir, tmp_path):
+    """eval/concepts_checkpoint.py: the newest checkpoint of the tiny run is the saved e, loadable as a pipeline."""
+    import json
+
+    from eval.concepts_checkpoint import checkpoint_pipeline
+    from invint_hub.pipeline import InvariancePipeline
+
+    saved = json.loads((concept_pipeline_dir / "concepts" / "config.json").read_text())
+    cfg = yaml.safe_load((concept_pipeline_dir / "concepts.yaml").read_text())
+    cfg["concepts"]["factor_sizes"] = saved["factor_sizes"]  # the run estimated them; the rebuild needs them fixed
+    fixed = tmp_path / "fixed.yaml"
+    fixed.write_text(yaml.safe_dump(cfg))
+    ckpt = checkpoint_pipeline(concept_pipeline_dir, fixed, tmp_path / "pipe")
+    assert ckpt.name == "step_3"
+    pipe = InvariancePipeline.from_pretrained(tmp_path / "pipe")
+    final = InvariancePipeline.from_pretrained(concept_pipeline_dir)
+    z = torch.randn(5, saved["dim"])
+    with torch.no_grad():
+        assert torch.allclose(pipe.concepts.eval()(z)[0], final.concepts.eval()(z)[0], atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint step_99"):
+        checkpoint_pipeline(concept_pipeline_dir, fixed, tmp_path / "pipe2", step=99)
+    with pytest.raises(ValueError, match="factor_sizes must be fixed"):
+        checkpoint_pipeline(concept_pipeline_dir, concept_pipeline_dir / "concepts.yaml", tmp_path / "pipe3")
+
+
+def test_nearest_class_mean_accuracy_known_answer():
+    from eval.concept_codes import nearest_mean_accuracy
+
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    codes = torch.tensor([[0.0], [0.2], [10.0], [10.2], [20.0], [1.0]])  # the last row (class 2) sits by class 0's mean
+    assert nearest_mean_accuracy(codes, labels) == pytest.approx(5 / 6)
+    assert nearest_mean_accuracy(torch.tensor([[0.0], [0.1], [5.0], [5.1]]), torch.tensor([3, 3, 7, 7])) == 1.0
