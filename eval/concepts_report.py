@@ -327,7 +327,8 @@ def section_dims(pipe, ds, args, out: Path) -> dict:
 @torch.no_grad()
 def response_two_readers(pipe, images, concept: str, n: int, seed: int, reader: Backbone) -> dict[str, dict[str, torch.Tensor]]:
     """``invint_hub.concepts.network_response`` (the same draws, the same batches), each decoded image classified
-    by the pipeline's classifier and by the independent reader: {"classifier"|"reader": {"std", "changed"}}."""
+    by the pipeline's classifier and by the independent reader: {"classifier"|"reader": {"std", "changed", "confidence"}}, confidence = the net's top
+    softmax probability on the unmodified reconstruction."""
     e = pipe.concepts
     if n < 2:
         raise ValueError(f"need n >= 2 samples, got {n}")
@@ -335,7 +336,8 @@ def response_two_readers(pipe, images, concept: str, n: int, seed: int, reader: 
     code = e(pipe.encode(x))[0]
     nets = {"classifier": pipe.backbone, "reader": reader}
     rec = pipe.decode(e.inverse(code)[0])
-    base = {k: net(rec).argmax(1) for k, net in nets.items()}
+    probs = {k: net(rec).softmax(1) for k, net in nets.items()}
+    base = {k: p.argmax(1) for k, p in probs.items()}
     mask = e.factor_mask(concept).to(code.device)
     g = torch.Generator().manual_seed(int(seed))
     codes = code.repeat_interleave(n, 0)
@@ -349,7 +351,8 @@ def response_two_readers(pipe, images, concept: str, n: int, seed: int, reader: 
     out = {}
     for k in nets:
         pr = torch.cat(preds[k]).view(x.shape[0], n)
-        out[k] = {"std": pr.float().std(1, unbiased=False), "changed": (pr != base[k][:, None]).float().mean(1)}
+        out[k] = {"std": pr.float().std(1, unbiased=False), "changed": (pr != base[k][:, None]).float().mean(1),
+                  "confidence": probs[k].max(1).values}
     return out
 
 
@@ -357,7 +360,7 @@ def response_two_readers(pipe, images, concept: str, n: int, seed: int, reader: 
 def section_response(pipe, ds, args, out: Path, reader: Backbone, reader_info: dict) -> dict:
     n = min(len(ds), args.n_response)
     x, y = ds.get_batch(torch.arange(n))
-    res = {}
+    res, where = {}, {}
     seven = (y == 7).nonzero()
     for name in pipe.concepts.factor_names:
         both = response_two_readers(pipe, x, name, args.response_samples, args.seed, reader)
@@ -365,6 +368,7 @@ def section_response(pipe, ds, args, out: Path, reader: Backbone, reader_info: d
         res[name] = {"sigma": r["std"].mean().item(), "changed": r["changed"].mean().item(),
                      "sigma_first_7": r["std"][seven[0, 0]].item() if len(seven) else None,
                      "reader_sigma": q["std"].mean().item(), "reader_changed": q["changed"].mean().item()}
+        where[name] = sigma_breakdown(r["std"], r["confidence"], y)
     paper_key = {"digit": "digit", "fg": "colour", "bg": "colour", "color": "colour", "residual": "residual"}
     lines = ["## Network response (IIN sensitivity analysis)", "",
              f"For each of {n} test images, one factor of e(E(x)) is replaced by {args.response_samples} draws from N(0, I), "
@@ -392,9 +396,39 @@ def section_response(pipe, ds, args, out: Path, reader: Backbone, reader_info: d
               "the pipeline's classifier and by the independent reader.", "",
               "| factor | sigma | bar | |", "|---|---|---|---|"]
     lines += [f"| {b['bar'].split(' of ', 1)[1]} | {b['shown']} | {b['target_shown']} | {met(b['met'])} |" for b in bars]
+    lines += ["", f"Where the classifier's sigma comes from: the images split by the classifier's confidence (top softmax "
+              f"probability) on the unmodified reconstruction, at {CONFIDENT}; and sigma per true digit (a flip from 8 to 3 "
+              "counts 5 index steps, from 8 to 9 one).", "",
+              f"| factor | images with confidence < {CONFIDENT} | their share of the sigma sum | sigma, confidence < {CONFIDENT} | "
+              f"sigma, confidence >= {CONFIDENT} | " + " | ".join(f"sigma, digit {d}" for d in range(10)) + " |",
+              "|---|---|---|---|---|" + "---|" * 10]
+    for name, w in where.items():
+        lines.append(f"| {name} | {pct(w['unsure_images'])} | {pct(w['unsure_sigma_share'])} | {_f2(w['sigma_unsure'])} | "
+                     f"{_f2(w['sigma_sure'])} | " + " | ".join(_f2(v) for v in w["sigma_per_digit"]) + " |")
     _plot_bars({k: v["sigma"] for k, v in res.items()}, "sigma of predicted class (classifier)", out / "response.png")
     lines += ["", "![response](response.png)"]
-    return {"table": res, "images": n, "samples": args.response_samples, "bars": bars, "md": lines}
+    return {"table": res, "breakdown": where, "images": n, "samples": args.response_samples, "bars": bars, "md": lines}
+
+
+CONFIDENT = 0.99  # the split of the response breakdown
+
+
+def _f2(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
+def sigma_breakdown(std: torch.Tensor, confidence: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Per-image sigma split by the classifier's confidence on the reconstruction (< / >= CONFIDENT) and by true digit."""
+    unsure = confidence < CONFIDENT
+
+    def mean(m: torch.Tensor) -> float | None:
+        return std[m].mean().item() if m.any() else None
+
+    total = std.sum().item()
+    return {"unsure_images": unsure.float().mean().item(),
+            "unsure_sigma_share": std[unsure].sum().item() / total if total > 0 else 0.0,
+            "sigma_unsure": mean(unsure), "sigma_sure": mean(~unsure),
+            "sigma_per_digit": [mean(labels == d) for d in range(10)]}
 
 
 def reader_recipe(args, image_size: int) -> dict:

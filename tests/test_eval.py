@@ -464,6 +464,19 @@ def test_concepts_report_reader_trains_on_fresh_colours(tmp_path, monkeypatch):
 
 
 @needs_colormnist
+def test_concepts_report_sigma_breakdown_splits_by_confidence_and_digit():
+    from eval.concepts_report import sigma_breakdown
+
+    std = torch.tensor([2.0, 0.0, 1.0, 1.0])
+    conf = torch.tensor([0.5, 0.999, 0.98, 0.995])
+    labels = torch.tensor([8, 8, 3, 1])
+    w = sigma_breakdown(std, conf, labels)
+    assert w["unsure_images"] == 0.5 and w["unsure_sigma_share"] == pytest.approx(3 / 4)
+    assert w["sigma_unsure"] == pytest.approx(1.5) and w["sigma_sure"] == pytest.approx(0.5)
+    assert w["sigma_per_digit"][8] == pytest.approx(1.0) and w["sigma_per_digit"][3] == 1.0 and w["sigma_per_digit"][0] is None
+    assert sigma_breakdown(torch.zeros(2), conf[:2], labels[:2])["unsure_sigma_share"] == 0.0
+
+
 def test_concepts_report_issue13_sections_on_the_embedded_pipeline(tmp_path):
     import eval.concepts_report as cr
     from invint_hub.backbones import Backbone
@@ -517,6 +530,8 @@ def test_concepts_report_issue13_sections_on_the_embedded_pipeline(tmp_path):
     lib = network_response(pipe, x[:4], "fg", n=2, seed=0)
     assert saved["response"]["table"]["fg"]["sigma"] == pytest.approx(lib["std"].mean().item())
     assert saved["response"]["table"]["fg"]["changed"] == pytest.approx(lib["changed"].mean().item())
+    br = saved["response"]["breakdown"]
+    assert set(br) == set(pipe.concepts.factor_names) and all(0 <= w["unsure_images"] <= 1 for w in br.values())
     assert res["bars"] == bars
 
     text = (tmp_path / "report.md").read_text()
