@@ -437,7 +437,7 @@ def test_colormnist_config_concepts_section():
     c = concept_settings(cfg)
     assert cfg["data"]["name"] == "colormnist" and cfg["data"]["channels"] == 3 and cfg["data"]["image_size"] == 32
     assert c["pairs"] == "colormnist" and c["factors"] == ["digit", "fg", "bg"] and c["rho"] == 0.995
-    assert c["factor_sizes"] == [4, 3, 3, 54] and c["pair_weights"] == {"digit": 4, "fg": 1, "bg": 1}
+    assert c["factor_sizes"] == [5, 3, 3, 53] and c["pair_weights"] == {"digit": 8, "fg": 1, "bg": 1}
 
 
 def test_celeba_config_runs_on_a_fake_celeba_folder(tmp_path):

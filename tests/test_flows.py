@@ -301,7 +301,8 @@ def test_bf16_autocast_on_cpu():
 # recorded again; the cifar10-efficientnet_lite0 models were recorded when they were embedded (session 5), colormnist/concepts
 # again when its e was retrained at width 128 (session 7) and with a 6-d digit factor (session 10), the cifar10 models when they were embedded (session 7);
 # all colormnist models but the classifier again in session 11 (autoencoder 16,000 steps, cINNs and e retrained on it),
-# colormnist/concepts again in session 12 (e with a 4-d digit factor, rho 0.995, digit-heavy training pairs).
+# colormnist/concepts again in session 12 (e with a 4-d digit factor, rho 0.995, digit-heavy training pairs) and in
+# session 13 (5-d digit factor, training pairs share the digit 8x as often as each colour).
 # Re-record with `python tests/test_flows.py`.
 REFERENCE = {
     "cifar10/cinn/conv1": ([-67.3092, -56.3365, -53.0757], 8.1993, -130.4809),
@@ -320,7 +321,7 @@ REFERENCE = {
     "colormnist/cinn/conv1": ([259.4278, 191.2239, 230.3085], -2992.3593, 42.1091),
     "colormnist/cinn/fc": ([110.0698, 93.46, 109.1054], -368.9270, 116.0919),
     "colormnist/cinn/logits": ([109.5708, 128.4687, 151.9936], -196.3310, 109.0064),
-    "colormnist/concepts": ([383.6968, 372.6362, 408.0061], 330114.2283, 37.8114),
+    "colormnist/concepts": ([491.2484, 461.8614, 490.4521], 1550060.7577, 80.7041),
     "mnist/cinn/conv1": ([104.2993, 83.4515, 70.5982], 24.0435, -156.9661),
     "mnist/cinn/conv2": ([49.4458, 47.9419, 55.837], -12.1931, -160.8629),
     "mnist/cinn/fc": ([-4.892, -2.7902, 9.6888], 122.8957, -457.8274),
