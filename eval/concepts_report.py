@@ -808,6 +808,9 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="output folder (report.md, results.json, PNGs)")
     p.add_argument("--config", default=None, help="the pipeline's training config (dynamics); default configs/<dataset>.yaml")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
+    p.add_argument("--classifier", default=None,
+                   help="a diagnosis: read the class with this classifier (a Backbone folder, e.g. runs/<r>/backbone) instead "
+                        "of the pipeline's own; its cINNs are dropped, so the layers and dynamics sections cannot run")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-test", type=int, default=None, help="use only N test images (default all 10000)")
@@ -829,6 +832,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def with_classifier(pipe: InvariancePipeline, folder: str, sections: list[str]) -> InvariancePipeline:
+    """The pipeline's autoencoder and e with another classifier (``--classifier``), without cINNs."""
+    need_cinns = [s for s in sections if s in ("layers", "dynamics")]
+    if need_cinns:
+        raise SystemExit(f"--classifier drops the pipeline's cINNs; the sections {need_cinns} need them")
+    if not (Path(folder) / "config.json").is_file():
+        raise SystemExit(f"--classifier {folder}: no config.json there (expected a Backbone folder such as runs/<r>/backbone)")
+    backbone = Backbone.from_pretrained(folder)
+    if backbone.num_classes != pipe.backbone.num_classes:
+        raise SystemExit(f"--classifier {folder}: {backbone.num_classes} classes, the pipeline's classifier has "
+                         f"{pipe.backbone.num_classes}")
+    info = dict(pipe.info, classifier_override=str(folder))
+    return InvariancePipeline(backbone, pipe.autoencoder, {}, info, concepts=pipe.concepts)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -841,6 +859,8 @@ def main(argv=None) -> dict:
     pipe = InvariancePipeline.from_pretrained(args.pipeline)
     if pipe.concepts is None:
         raise SystemExit(f"{args.pipeline} has no concept model; run `python -m invint_hub.train concepts ...` first")
+    if args.classifier is not None:
+        pipe = with_classifier(pipe, args.classifier, sections)
     ds = test_set(pipe, args)
     cfg = load_config(args.config, pipe) if "dynamics" in sections else None
     results = {"pipeline": str(args.pipeline), "concepts": pipe.concepts.factor_names,
@@ -849,6 +869,9 @@ def main(argv=None) -> dict:
           f"Pipeline: {pipe!r}. Concept INN e: factors {dict(zip(pipe.concepts.factor_names, pipe.concepts.factor_sizes))} "
           f"(residual last). Test split: {len(ds)} ColorMNIST test images (seed 1 colours). Seed {args.seed}.", "",
           "Command: `python -m eval.concepts_report " + " ".join(sys.argv[1:] if argv is None else argv) + "`", ""]
+    if args.classifier is not None:
+        md += [f"**A diagnosis, not the pipeline as embedded:** the class is read by the classifier in `{args.classifier}` "
+               "instead of the pipeline's own (`--classifier`); the autoencoder and e are the pipeline's.", ""]
     reader = reader_info = None
     if READER_SECTIONS & set(sections):
         t0, c0 = time.time(), time.process_time()

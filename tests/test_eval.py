@@ -477,6 +477,34 @@ def test_concepts_report_sigma_breakdown_splits_by_confidence_and_digit():
     assert sigma_breakdown(torch.zeros(2), conf[:2], labels[:2])["unsure_sigma_share"] == 0.0
 
 
+def test_concepts_report_reads_the_class_with_another_classifier(tmp_path):
+    import eval.concepts_report as cr
+    from invint_hub.backbones import Backbone
+
+    pipe = InvariancePipeline.from_pretrained("colormnist")
+    other = Backbone(arch="mnist_cnn", width=4, in_channels=3, image_size=32, num_classes=10)
+    other.save_pretrained(tmp_path / "other")
+    swapped = cr.with_classifier(pipe, str(tmp_path / "other"), ["response"])
+    assert swapped.backbone.feature_shapes["conv1"][0] == 4 and swapped.cinns == {}
+    assert swapped.autoencoder is pipe.autoencoder and swapped.concepts is pipe.concepts
+    with pytest.raises(SystemExit, match="layers"):
+        cr.with_classifier(pipe, str(tmp_path / "other"), ["pairs", "layers"])
+    with pytest.raises(SystemExit, match="no config.json"):
+        cr.with_classifier(pipe, str(tmp_path), ["response"])
+    Backbone(arch="mnist_cnn", width=4, in_channels=3, image_size=32, num_classes=5).save_pretrained(tmp_path / "five")
+    with pytest.raises(SystemExit, match="5 classes"):
+        cr.with_classifier(pipe, str(tmp_path / "five"), ["response"])
+    # the report runs with it, says so, and its response reads the other classifier draw for draw
+    res = cr.main(["--pipeline", "colormnist", "--out", str(tmp_path / "out"), "--sections", "pairs,response",
+                   "--classifier", str(tmp_path / "other")] + TINY_CONCEPTS)
+    assert "A diagnosis, not the pipeline as embedded" in (tmp_path / "out" / "report.md").read_text()
+    from invint_hub.concepts import network_response
+
+    x, _ = cr.test_set(pipe, cr.parse_args(["--pipeline", "colormnist", "--out", str(tmp_path)] + TINY_CONCEPTS)).get_batch(torch.arange(4))
+    lib = network_response(swapped, x, "fg", n=2, seed=0)
+    assert res["response"]["table"]["fg"]["sigma"] == pytest.approx(lib["std"].mean().item())
+
+
 def test_concepts_report_issue13_sections_on_the_embedded_pipeline(tmp_path):
     import eval.concepts_report as cr
     from invint_hub.backbones import Backbone
