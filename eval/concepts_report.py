@@ -28,6 +28,9 @@ timings) and PNG plots. Sections (paper numbers in adjacent columns; see ../shar
 The digit reader of ``autoencoder``, ``response``, ``transfer`` and ``edits`` is trained here, independently of the pipeline: an
 mnist_cnn (width 32, seed 2) on ColorMNIST train masks painted with fresh random colours every batch and shifted by
 up to 2 px (``train_reader``); it is cached in ``<out>/reader`` and is never the pipeline's classifier.
+
+``--classifier <Backbone folder>`` is a diagnosis: the class is read by another classifier (the pipeline's autoencoder
+and e are kept, its cINNs dropped), e.g. eval/results/colormnist_concepts_classifier12k.
 """
 from __future__ import annotations
 
@@ -327,8 +330,8 @@ def section_dims(pipe, ds, args, out: Path) -> dict:
 @torch.no_grad()
 def response_two_readers(pipe, images, concept: str, n: int, seed: int, reader: Backbone) -> dict[str, dict[str, torch.Tensor]]:
     """``invint_hub.concepts.network_response`` (the same draws, the same batches), each decoded image classified
-    by the pipeline's classifier and by the independent reader: {"classifier"|"reader": {"std", "changed", "confidence"}}, confidence = the net's top
-    softmax probability on the unmodified reconstruction."""
+    by the pipeline's classifier and by the independent reader: {"classifier"|"reader": {"std", "changed",
+    "confidence"}}; confidence = the net's top softmax probability on the unmodified reconstruction."""
     e = pipe.concepts
     if n < 2:
         raise ValueError(f"need n >= 2 samples, got {n}")
