@@ -150,10 +150,40 @@ def test_bf16_cinn_stage_keeps_fp32_weights_and_logdet(trained, tiny_config, tmp
     res = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300,
                          cwd=Path(__file__).parent.parent)
     assert res.returncode == 0, res.stderr[-3000:]
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported() and not os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper().startswith("AVX2")
+    assert ("has no native bf16 kernels" in res.stderr) == (not native), res.stderr[-3000:]  # AVX2 only: fp32, one line
     metrics = json.loads((tmp_path / "cinn" / "fc" / "metrics.json").read_text())
     assert torch.isfinite(torch.tensor(metrics["bpd"]))
     t = ConditionalINN.from_pretrained(tmp_path / "cinn" / "fc")
     assert next(t.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("native, isa, asked, env, falls_back", [
+    (False, "", "bf16", None, True),       # AVX2 only: fp32, with the warning
+    (True, "", "bf16", None, False),       # AVX-512: bf16 as asked
+    (True, "AVX2", "bf16", None, True),    # AVX-512, but oneDNN capped at AVX2
+    (False, "", None, "bf16", True),       # accelerate launch --mixed_precision bf16
+    (False, "", "fp16", None, False),      # only bf16 is touched
+])
+def test_bf16_on_a_cpu_without_native_kernels_falls_back_to_fp32(monkeypatch, native, isa, asked, env, falls_back):
+    import argparse
+
+    from invint_hub.train.cli import cpu_bf16_fallback
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", isa)
+    if env:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", env)
+    else:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    args = argparse.Namespace(mixed_precision=asked, cpu=True)
+    msg = cpu_bf16_fallback(args)
+    assert (msg is not None) == falls_back, msg
+    if falls_back:
+        assert "\n" not in msg and "training in fp32" in msg
+        assert args.mixed_precision == "no" and "ACCELERATE_MIXED_PRECISION" not in os.environ
+    else:
+        assert args.mixed_precision == asked and os.environ.get("ACCELERATE_MIXED_PRECISION") == env
 
 
 def test_another_mixed_precision_in_the_same_process_is_a_clear_error(trained, tiny_config, tmp_path):
