@@ -18,6 +18,12 @@ agreement (the share classified like x):
   split (copy 0 as is, the others cropped and flipped, as ``cinn.augment``), ``--steps`` steps each: test NLL and
   agreement. If memorised latents limited the agreement, more pairs would raise it. Slow on a CPU (each copy is a
   backbone and encoder pass over the training split, 5.5 min on one thread for cifar10; each run 15 min).
+- ``jitter``: how close to real latents a sampler of p(z_bar | class) must stay to keep the class. For each test
+  image, a random training posterior mean of its class (the classifier's) plus Gaussian noise of ``sigma`` times the
+  per-dimension std of z_bar, for sigma 0 (a memorising sampler) to 1; next to it, for the embedded cINNs (T = 1,
+  0.5) and the class-conditional Gaussian, the agreement and the distance of their samples to the nearest of the
+  ``--train-images`` training latents (root mean square over the standardised dimensions), with held-out test
+  latents as the distance a perfect density model's samples would have.
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ from invint_hub.data import build_dataset
 from invint_hub.flows import bits_per_dim, standard_normal_nll
 from invint_hub.train.classifier import augment_batch
 
-SECTIONS = ("embedded", "gaussian", "ridge", "augment")
+SECTIONS = ("embedded", "gaussian", "ridge", "augment", "jitter")
 
 
 def _data(pipe: InvariancePipeline, split: str, n: int | None, data_dir=None) -> torch.Tensor:
@@ -79,18 +85,56 @@ def gaussian(pipe: InvariancePipeline, ztr: torch.Tensor, ctr: torch.Tensor, ct:
              temps=(1.0, 0.5, 0.0), seed: int = 0) -> dict:
     """Agreement of z_bar ~ N(mu_c, T^2 Sigma_c) with the test images' classes ``ct``."""
     g = torch.Generator().manual_seed(seed)
+    return {str(t): _agreement(pipe, *gaussian_samples(ztr, ctr, ct, t, g)) for t in temps}
+
+
+def gaussian_samples(ztr, ctr, ct, t: float, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """As many draws of N(mu_c, T^2 Sigma_c) per class c as ``ct`` holds, and their classes."""
     d = ztr.shape[1]
-    out = {}
-    for t in temps:
-        zs, cs = [], []
-        for c in ct.unique():
-            zc = ztr[ctr == c]
-            chol = torch.linalg.cholesky(torch.cov(zc.T) + 1e-4 * torch.eye(d))
-            k = int((ct == c).sum())
-            zs.append(zc.mean(0) + t * torch.randn(k, d, generator=g) @ chol.T)
-            cs.append(torch.full((k,), int(c)))
-        out[str(t)] = _agreement(pipe, torch.cat(zs), torch.cat(cs))
-    return out
+    zs, cs = [], []
+    for c in ct.unique():
+        zc = ztr[ctr == c]
+        chol = torch.linalg.cholesky(torch.cov(zc.T) + 1e-4 * torch.eye(d))
+        k = int((ct == c).sum())
+        zs.append(zc.mean(0) + t * torch.randn(k, d, generator=g) @ chol.T)
+        cs.append(torch.full((k,), int(c)))
+    return torch.cat(zs), torch.cat(cs)
+
+
+def nearest_rms(q: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor, batch: int = 500) -> float:
+    """Median over ``q`` of the distance to the nearest row of ``ref``, per dimension (RMS), in units of ``scale``."""
+    r = ref / scale
+    d = [torch.cdist(q[i : i + batch] / scale, r).min(1).values for i in range(0, len(q), batch)]
+    return (torch.cat(d) / q.shape[1] ** 0.5).median().item()
+
+
+@torch.no_grad()
+def jitter(pipe: InvariancePipeline, ztr: torch.Tensor, ctr: torch.Tensor, zt: torch.Tensor, ct: torch.Tensor,
+           xt: torch.Tensor, layers: list[str], sigmas=(0.0, 0.1, 0.2, 0.35, 0.5, 1.0), seed: int = 0) -> dict:
+    """Agreement and nearest-training-latent distance of jittered training latents, the cINNs' and the Gaussian's samples."""
+    g = torch.Generator().manual_seed(seed)
+    scale = ztr.std(0)
+    pick = torch.empty(len(ct), dtype=torch.long)
+    for c in ct.unique():  # a random training latent of each test image's class
+        pool = (ctr == c).nonzero().flatten()
+        where = (ct == c).nonzero().flatten()
+        pick[where] = pool[torch.randint(0, len(pool), (len(where),), generator=g)]
+    rows = {"held-out test latents (a perfect model's distance)": {"distance": nearest_rms(zt, ztr, scale),
+                                                                   "agreement": None}}
+    for sg in sigmas:
+        z = ztr[pick] + sg * scale * torch.randn(len(pick), ztr.shape[1], generator=g)
+        rows[f"training latent of the class + noise, sigma {sg}"] = {
+            "distance": nearest_rms(z, ztr, scale), "agreement": _agreement(pipe, z, ct)}
+    for layer in layers:
+        if layer not in pipe.layers:
+            continue
+        for t in (1.0, 0.5):
+            z = torch.cat([pipe.sample_latents(xt[i : i + 250], layer, 1, t, seed=i)[:, 0] for i in range(0, len(xt), 250)])
+            rows[f"cINN {layer}, T = {t}"] = {"distance": nearest_rms(z, ztr, scale), "agreement": _agreement(pipe, z, ct)}
+    for t in (1.0, 0.5):
+        z, c = gaussian_samples(ztr, ctr, ct, t, g)
+        rows[f"class-conditional Gaussian, T = {t}"] = {"distance": nearest_rms(z, ztr, scale), "agreement": _agreement(pipe, z, c)}
+    return rows
 
 
 def _flat(z: torch.Tensor, max_features: int = 2048) -> torch.Tensor:
@@ -199,9 +243,12 @@ def main(argv=None):
     cmd = "python -m eval.deep_layers " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     if "embedded" in sections:
         res["embedded"] = embedded(pipe, xt, [l for l in layers if l in pipe.layers])
-    if "gaussian" in sections or "ridge" in sections:
+    if "gaussian" in sections or "ridge" in sections or "jitter" in sections:
         xtr = _data(pipe, "train_split", args.train_images, args.data_dir)
         ztr, ftr = encode(pipe, xtr, layers)
+        if "jitter" in sections:
+            logits = ftr["logits"] if "logits" in ftr else encode(pipe, xtr, ["logits"])[1]["logits"]
+            res["jitter"] = jitter(pipe, ztr, logits.argmax(1), zt, ct, xt, layers)
         if "gaussian" in sections:
             logits = ftr["logits"] if "logits" in ftr else encode(pipe, xtr, ["logits"])[1]["logits"]
             res["gaussian"] = gaussian(pipe, ztr, logits.argmax(1), ct)
@@ -237,6 +284,16 @@ def render(res: dict, cmd: str) -> str:
     if "ridge" in res:
         lines += ["## Ridge regression from the layer to z_bar", "", "| layer | features | test R^2 |", "|---|---|---|"]
         lines += [f"| {l} | {r['features']} | {r['test_r2']:.3f} |" for l, r in res["ridge"].items()] + [""]
+    if "jitter" in res:
+        lines += ["## How close to real latents samples must stay", "",
+                  "Distance: median over the samples of the distance to the nearest training latent, RMS over the "
+                  "standardised dimensions (in stds of z_bar).", "",
+                  "| sampler | distance to the nearest training latent | agreement | agreement / ceiling |", "|---|---|---|---|"]
+        for k, r in res["jitter"].items():
+            a = "–" if r["agreement"] is None else f"{r['agreement']:.3f}"
+            q = "–" if r["agreement"] is None else f"{r['agreement'] / res['ceiling']:.2f}"
+            lines.append(f"| {k} | {r['distance']:.3f} | {a} | {q} |")
+        lines.append("")
     if "augment" in res:
         lines += ["## The logits cINN on augmented copies of the training split", "",
                   "| copies | rows | steps | test NLL (bits/dim) | agreement | seconds |", "|---|---|---|---|---|---|"]

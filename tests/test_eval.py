@@ -568,6 +568,24 @@ def test_concepts_report_issue13_sections_on_the_embedded_pipeline(tmp_path):
     assert f"{sum(b['met'] for b in bars)} of {len(bars)} bars met" in text and "not the pipeline's classifier" in text
 
 
+def test_deep_layers_jitter_distance_and_class_gaussian():
+    """eval/deep_layers.py's jitter check: a copy of a reference row is at distance 0, noise of sigma stds per
+    dimension lands about sigma away (RMS per dimension); class-conditional Gaussian draws follow each class's mean."""
+    from eval.deep_layers import gaussian_samples, nearest_rms
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(4000, 32, generator=g) * 3.0
+    scale = ref.std(0)
+    assert nearest_rms(ref[:200], ref, scale) == 0.0
+    far = nearest_rms(ref[:200] + 0.3 * scale * torch.randn(200, 32, generator=g), ref, scale)
+    assert 0.2 < far <= 0.31, far  # the nearest row is the source row, or a closer one
+    ctr = torch.arange(4000) % 2
+    shifted = ref + 10.0 * ctr[:, None]
+    z, c = gaussian_samples(shifted, ctr, torch.tensor([0, 1, 1, 1] * 100), 1.0, g)
+    assert (c == 1).sum() == 300 and (c == 0).sum() == 100
+    assert (z[c == 1].mean(0) - z[c == 0].mean(0)).mean() > 8.0
+
+
 def test_deep_layers_ridge_finds_a_linear_map_and_pools_maps():
     """eval/deep_layers.py's ridge check: R^2 near 1 when z_bar is a linear function of the features, near 0 (or
     below) when it is independent of them; spatial maps are average-pooled to at most 2048 numbers."""
