@@ -1,7 +1,8 @@
-"""Why do samples at the deep layers keep the class so rarely? Four checks on one pipeline's frozen networks.
+"""Why do samples at the deep layers keep the class so rarely? Checks on one pipeline's frozen networks.
 
     python -m eval.deep_layers --pipeline cifar10 --out eval/results/cifar10_deep_layers.md
     python -m eval.deep_layers --pipeline cifar10 --sections augment --out eval/results/cifar10_deep_layers_augment.md
+    python -m eval.deep_layers --pipeline cifar10 --sections fit,jitter --layers logits --autoencoder runs/X/autoencoder
 
 On the first ``--test-images`` test images, where plain reconstructions D(E(x)) set the ceiling of the class
 agreement (the share classified like x):
@@ -18,12 +19,18 @@ agreement (the share classified like x):
   split (copy 0 as is, the others cropped and flipped, as ``cinn.augment``), ``--steps`` steps each: test NLL and
   agreement. If memorised latents limited the agreement, more pairs would raise it. Slow on a CPU (each copy is a
   backbone and encoder pass over the training split, 5.5 min on one thread for cifar10; each run 15 min).
+- ``fit``: for each of ``--layers``, a cINN with the pipeline's settings for that layer trained from scratch
+  (``--steps``) on the training split as it is: test NLL and agreement. With ``--autoencoder DIR`` (another
+  autoencoder for the same images, e.g. one trained with a larger KL weight) it measures what that latent does for
+  the samples; the sections embedded and augment then refuse to run (the embedded cINNs model the old latent).
 - ``jitter``: how close to real latents a sampler of p(z_bar | class) must stay to keep the class. For each test
   image, a random training posterior mean of its class (the classifier's) plus Gaussian noise of ``sigma`` times the
   per-dimension std of z_bar, for sigma 0 (a memorising sampler) to 1; next to it, for the embedded cINNs (T = 1,
   0.5) and the class-conditional Gaussian, the agreement and the distance of their samples to the nearest of the
-  ``--train-images`` training latents (root mean square over the standardised dimensions), with held-out test
-  latents as the distance a perfect density model's samples would have.
+  ``--train-images`` training latents (root mean square over the standardised dimensions). Two controls that stay
+  on the data: the held-out test latent of another test image of the class (what a perfect sampler of
+  p(z_bar | class) draws: as far from the training latents as any new image) and the midpoint of two training
+  latents of the class.
 """
 from __future__ import annotations
 
@@ -37,13 +44,13 @@ import torch
 import torch.nn.functional as F
 
 from invint_hub import InvariancePipeline
-from invint_hub.autoencoder import DiagonalGaussian
+from invint_hub.autoencoder import Autoencoder, DiagonalGaussian
 from invint_hub.cinn import ConditionalINN
 from invint_hub.data import build_dataset
 from invint_hub.flows import bits_per_dim, standard_normal_nll
 from invint_hub.train.classifier import augment_batch
 
-SECTIONS = ("embedded", "gaussian", "ridge", "augment", "jitter")
+SECTIONS = ("embedded", "gaussian", "ridge", "augment", "jitter", "fit")
 
 
 def _data(pipe: InvariancePipeline, split: str, n: int | None, data_dir=None) -> torch.Tensor:
@@ -114,13 +121,19 @@ def jitter(pipe: InvariancePipeline, ztr: torch.Tensor, ctr: torch.Tensor, zt: t
     """Agreement and nearest-training-latent distance of jittered training latents, the cINNs' and the Gaussian's samples."""
     g = torch.Generator().manual_seed(seed)
     scale = ztr.std(0)
-    pick = torch.empty(len(ct), dtype=torch.long)
-    for c in ct.unique():  # a random training latent of each test image's class
-        pool = (ctr == c).nonzero().flatten()
-        where = (ct == c).nonzero().flatten()
+    pick, pick2, other = (torch.empty(len(ct), dtype=torch.long) for _ in range(3))
+    for c in ct.unique():
+        pool = (ctr == c).nonzero().flatten()  # training latents of the class (the classifier's)
+        where = (ct == c).nonzero().flatten()  # test images of the class
         pick[where] = pool[torch.randint(0, len(pool), (len(where),), generator=g)]
-    rows = {"held-out test latents (a perfect model's distance)": {"distance": nearest_rms(zt, ztr, scale),
-                                                                   "agreement": None}}
+        pick2[where] = pool[torch.randint(0, len(pool), (len(where),), generator=g)]
+        shift = torch.randint(1, max(len(where), 2), (len(where),), generator=g)  # another test image of the class
+        other[where] = where[(torch.arange(len(where)) + shift) % len(where)]
+    rows = {"held-out test latent of another image of the class (a perfect sampler)": {
+        "distance": nearest_rms(zt[other], ztr, scale), "agreement": _agreement(pipe, zt[other], ct)}}
+    z = (ztr[pick] + ztr[pick2]) / 2
+    rows["midpoint of two training latents of the class"] = {"distance": nearest_rms(z, ztr, scale),
+                                                             "agreement": _agreement(pipe, z, ct)}
     for sg in sigmas:
         z = ztr[pick] + sg * scale * torch.randn(len(pick), ztr.shape[1], generator=g)
         rows[f"training latent of the class + noise, sigma {sg}"] = {
@@ -176,12 +189,12 @@ def augmented_latents(pipe: InvariancePipeline, x: torch.Tensor, layer: str, cop
     return torch.cat(means).float(), torch.cat(logvars).float(), torch.cat(feats).float()
 
 
-def fit_cinn(pipe: InvariancePipeline, layer: str, mean, logvar, z, xt, steps: int, seed: int = 0) -> dict:
+def fit_cinn(pipe: InvariancePipeline, layer: str, settings: dict, mean, logvar, z, xt, steps: int, seed: int = 0) -> dict:
     """The pipeline's cINN settings for ``layer`` retrained from scratch on (posterior, z) rows, as the training
     stage does (AdamW betas 0.5 / 0.9, lr 5e-4, 200 warm-up steps, cosine, clip 10, batch 128, z_bar drawn from
     the posterior): test NLL and class agreement (one sample per test image)."""
     torch.manual_seed(seed)
-    m = ConditionalINN(**pipe.cinn(layer)._hub_mixin_config)  # the embedded model's arguments (its config.json)
+    m = ConditionalINN(**settings)  # the embedded model's arguments (its config.json)
     soft = layer == "softmax"
     cond = (lambda zz: zz.softmax(1)) if soft else (lambda zz: zz)
     n = len(mean)
@@ -222,10 +235,13 @@ def main(argv=None):
     ap.add_argument("--sections", default="embedded,gaussian,ridge", help=f"comma list of {', '.join(SECTIONS)}")
     ap.add_argument("--test-images", type=int, default=2000)
     ap.add_argument("--train-images", type=int, default=20000, help="for gaussian and ridge (augment: all)")
+    ap.add_argument("--fit-images", type=int, default=None, help="fit: train on the first N training images (default all)")
     ap.add_argument("--copies", type=int, default=4)
     ap.add_argument("--steps", type=int, default=12000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--autoencoder", default=None, metavar="DIR",
+                    help="replace the pipeline's autoencoder by this folder's (sections gaussian, ridge, jitter, fit)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     sections = args.sections.split(",")
@@ -235,11 +251,22 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     pipe = InvariancePipeline.from_pretrained(args.pipeline)
     layers = args.layers.split(",")
+    settings = {layer: t._hub_mixin_config for layer, t in pipe.cinns.items()}  # the embedded cINNs' arguments
+    if args.autoencoder:
+        # another autoencoder: the embedded cINNs do not model its latent, so only sections that fit their own run
+        if "embedded" in sections or "augment" in sections:
+            raise SystemExit("--autoencoder: the sections embedded and augment need the pipeline's own autoencoder")
+        pipe = InvariancePipeline(pipe.backbone, Autoencoder.from_pretrained(args.autoencoder), {}, pipe.info)
+    if "fit" in sections:
+        missing = [layer for layer in layers if layer not in settings]
+        if missing:
+            raise SystemExit(f"--sections fit: {args.pipeline} has no cINN settings for {', '.join(missing)}")
     xt = _data(pipe, "test_split", args.test_images, args.data_dir)
     zt, ft = encode(pipe, xt, layers)
     with torch.no_grad():
         ct = torch.cat([pipe.backbone(xt[i : i + 500]).argmax(1) for i in range(0, len(xt), 500)])
-    res = {"pipeline": args.pipeline, "test_images": len(xt), "ceiling": _agreement(pipe, zt, ct)}
+    res = {"pipeline": args.pipeline, "autoencoder": args.autoencoder, "test_images": len(xt),
+           "ceiling": _agreement(pipe, zt, ct)}
     cmd = "python -m eval.deep_layers " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
     if "embedded" in sections:
         res["embedded"] = embedded(pipe, xt, [l for l in layers if l in pipe.layers])
@@ -258,8 +285,14 @@ def main(argv=None):
         xtr = _data(pipe, "train_split", None, args.data_dir)
         mean, logvar, z = augmented_latents(pipe, xtr, "logits", args.copies)
         n = len(xtr)
-        res["augment"] = {"1": fit_cinn(pipe, "logits", mean[:n], logvar[:n], z[:n], xt, args.steps),
-                          str(args.copies): fit_cinn(pipe, "logits", mean, logvar, z, xt, args.steps)}
+        res["augment"] = {"1": fit_cinn(pipe, "logits", settings["logits"], mean[:n], logvar[:n], z[:n], xt, args.steps),
+                          str(args.copies): fit_cinn(pipe, "logits", settings["logits"], mean, logvar, z, xt, args.steps)}
+    if "fit" in sections:
+        xtr = _data(pipe, "train_split", args.fit_images, args.data_dir)
+        res["fit"] = {}
+        for layer in layers:
+            mean, logvar, z = augmented_latents(pipe, xtr, layer, 1)
+            res["fit"][layer] = fit_cinn(pipe, layer, settings[layer], mean, logvar, z, xt, args.steps)
     text = render(res, cmd)
     print(text)
     if args.out:
@@ -271,7 +304,8 @@ def main(argv=None):
 def render(res: dict, cmd: str) -> str:
     lines = [f"# Deep-layer samples of `{res['pipeline']}`: what limits their class agreement", "", f"`{cmd}`", "",
              f"First {res['test_images']} test images. Ceiling (plain reconstructions D(E(x)) classified like x): "
-             f"**{res['ceiling']:.3f}**.", ""]
+             f"**{res['ceiling']:.3f}**." + (f" Autoencoder: `{res['autoencoder']}` instead of the pipeline's."
+                                              if res.get("autoencoder") else ""), ""]
     if "embedded" in res:
         temps = list(next(iter(res["embedded"].values())))
         lines += ["## The embedded cINNs, by temperature of v", "", "| layer | " + " | ".join(f"T = {t}" for t in temps)
@@ -299,6 +333,12 @@ def render(res: dict, cmd: str) -> str:
                   "| copies | rows | steps | test NLL (bits/dim) | agreement | seconds |", "|---|---|---|---|---|---|"]
         lines += [f"| {k} | {r['rows']} | {r['steps']} | {r['test_bpd']:.3f} | {r['agreement']:.3f} | {r['seconds']} |"
                   for k, r in res["augment"].items()] + [""]
+    if "fit" in res:
+        lines += ["## A cINN with the pipeline's settings, trained on this autoencoder's latent", "",
+                  "| layer | rows | steps | test NLL (bits/dim) | agreement | agreement / ceiling | seconds |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {k} | {r['rows']} | {r['steps']} | {r['test_bpd']:.3f} | {r['agreement']:.3f} | "
+                  f"{r['agreement'] / res['ceiling']:.2f} | {r['seconds']} |" for k, r in res["fit"].items()] + [""]
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@ import json
 import math
 import os
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy loads (when this file runs alone): see eval/report.py
 
@@ -599,3 +600,25 @@ def test_deep_layers_ridge_finds_a_linear_map_and_pools_maps():
     noise, noise_t = torch.randn(3000, 8, generator=g), torch.randn(500, 8, generator=g)
     assert ridge(noise, {"ind": f}, noise_t, {"ind": ft})["ind"]["test_r2"] < 0.02
     assert _flat(torch.zeros(2, 128, 8, 8)).shape == (2, 2048) and _flat(torch.zeros(2, 10)).shape == (2, 10)
+
+
+def test_deep_layers_fit_on_another_autoencoder(tmp_path):
+    """eval.deep_layers --autoencoder DIR --sections fit,jitter: the cINN settings of the pipeline are retrained on
+    the given autoencoder's latent and the report says which autoencoder it measured; sections that need the
+    pipeline's own cINNs refuse to run with it."""
+    from eval.deep_layers import main
+
+    ae = Path(__file__).resolve().parents[1] / "invint_hub" / "pretrained" / "mnist" / "autoencoder"
+    out = tmp_path / "fit.md"
+    main(["--pipeline", "mnist", "--sections", "fit,jitter", "--layers", "logits", "--steps", "5", "--test-images", "40",
+          "--train-images", "300", "--fit-images", "300", "--threads", "1", "--autoencoder", str(ae), "--out", str(out)])
+    text = out.read_text()
+    assert f"Autoencoder: `{ae}`" in text
+    row = next(l for l in text.splitlines() if l.startswith("| logits | 300 | 5 |"))
+    assert 0.0 <= float(row.split("|")[5]) <= 1.0
+    assert "cINN logits" not in text  # the embedded cINNs are not sampled on a latent they do not model
+    assert "another image of the class" in text
+    with pytest.raises(SystemExit, match="embedded and augment"):
+        main(["--pipeline", "mnist", "--sections", "embedded", "--autoencoder", str(ae)])
+    with pytest.raises(SystemExit, match="no cINN settings for layer9"):
+        main(["--pipeline", "mnist", "--sections", "fit", "--layers", "layer9"])
